@@ -1,0 +1,67 @@
+"""Group-relative advantages. Pure tensor functions: no model, no I/O."""
+
+from __future__ import annotations
+
+import torch
+
+EPS = 1e-4
+"""Added to the standard deviation before dividing (TRL uses the same constant)."""
+
+
+def group_advantages(
+    rewards: torch.Tensor,
+    group_size: int,
+    scale: str = "group",
+    valid: torch.Tensor | None = None,
+    eps: float = EPS,
+) -> torch.Tensor:
+    """Advantages ``A_i = (R_i - mean_g) / (std + eps)`` for rewards laid out group by group.
+
+    Args:
+        rewards: ``[N * G]`` rewards, the G rollouts of each prompt contiguous.
+        group_size: G.
+        scale: ``group`` divides by each group's std, ``batch`` by the std of all valid
+            rewards, ``none`` does not divide (Dr. GRPO).
+        valid: optional ``[N * G]`` bool mask; invalid entries (verifier error/timeout) are
+            left out of the statistics and get advantage 0.
+    The std is the unbiased sample std, as in TRL. A group whose valid rewards are all equal
+    (or that has fewer than two valid entries) gets advantage 0, never NaN.
+    """
+    if rewards.dim() != 1 or rewards.numel() % group_size:
+        raise ValueError(f"rewards must be 1-D with a multiple of {group_size} entries, got {tuple(rewards.shape)}")
+    if scale not in ("group", "batch", "none"):
+        raise ValueError(f"scale must be group, batch or none, got {scale!r}")
+    r = rewards.to(torch.float64)
+    v = torch.isfinite(r) if valid is None else (valid.bool() & torch.isfinite(r))
+    r = torch.where(v, r, torch.zeros_like(r))
+    rg, vg = r.view(-1, group_size), v.view(-1, group_size).to(r.dtype)
+    n = vg.sum(1, keepdim=True)
+    mean = rg.sum(1, keepdim=True) / n.clamp(min=1)
+    adv = (rg - mean) * vg
+    if scale == "group":
+        var = ((rg - mean) ** 2 * vg).sum(1, keepdim=True) / (n - 1).clamp(min=1)
+        adv = adv / (var.sqrt() + eps)
+    elif scale == "batch":
+        flat, fv = r[v], v.sum()
+        std = flat.std() if fv > 1 else torch.zeros((), dtype=r.dtype)
+        adv = adv / (std + eps)
+    adv = torch.where(n >= 2, adv, torch.zeros_like(adv))
+    return adv.view(-1).to(rewards.dtype if rewards.is_floating_point() else torch.float32)
+
+
+def group_reward_stats(rewards: torch.Tensor, group_size: int) -> dict[str, float]:
+    """TRL-named batch statistics: ``reward``, ``reward_std`` and ``frac_reward_zero_std``."""
+    r = rewards.to(torch.float64)
+    finite = torch.isfinite(r)
+    g = r.view(-1, group_size)
+    gf = finite.view(-1, group_size)
+    zero_std = []
+    for row, ok in zip(g, gf):
+        vals = row[ok]
+        zero_std.append(bool(vals.numel() < 2 or (vals.max() - vals.min()).abs() < 1e-12))
+    vals = r[finite]
+    return {
+        "reward": float(vals.mean()) if vals.numel() else float("nan"),
+        "reward_std": float(vals.std()) if vals.numel() > 1 else 0.0,
+        "frac_reward_zero_std": sum(zero_std) / max(len(zero_std), 1),
+    }

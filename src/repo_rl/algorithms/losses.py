@@ -1,0 +1,90 @@
+"""Policy losses. Pure tensor functions on per-token tensors: no model, no I/O.
+
+Shapes: ``[B, T]`` per-token tensors with a ``mask`` of the same shape (1 on completion
+tokens), ``[B]`` per-sequence tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def clipped_surrogate(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    epsilon_low: float,
+    epsilon_high: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PPO/GRPO clipped objective, per token, as a loss to minimise.
+
+    ``loss = -min(r * A, clip(r, 1 - eps_low, 1 + eps_high) * A)`` with ``r = exp(logp - old_logp)``.
+    Returns ``(loss, low_clipped, high_clipped)``; the masks mark tokens whose clipped term
+    was the active one (``r < 1 - eps_low`` with ``A < 0`` / ``r > 1 + eps_high`` with ``A > 0``),
+    matching TRL's ``clip_ratio/low_mean`` and ``clip_ratio/high_mean``.
+    """
+    ratio = torch.exp(logp - old_logp)
+    adv = advantages.unsqueeze(-1) if advantages.dim() == logp.dim() - 1 else advantages
+    unclipped = ratio * adv
+    clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high) * adv
+    loss = -torch.min(unclipped, clipped)
+    low = (ratio < 1 - epsilon_low) & (adv < 0)
+    high = (ratio > 1 + epsilon_high) & (adv > 0)
+    return loss, low, high
+
+
+def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimator of KL(pi || pi_ref): ``exp(ref - logp) - (ref - logp) - 1`` (>= 0)."""
+    d = ref_logp - logp
+    return torch.exp(d) - d - 1
+
+
+def aggregate(
+    per_token: torch.Tensor,
+    mask: torch.Tensor,
+    loss_type: str,
+    *,
+    num_sequences: int | None = None,
+    num_tokens: int | float | None = None,
+    max_completion_length: int | None = None,
+) -> torch.Tensor:
+    """Reduce a per-token loss to a scalar.
+
+    - ``grpo``: mean over each sequence's tokens, then mean over sequences;
+    - ``dapo``: sum over all tokens / total number of tokens;
+    - ``dr_grpo``: sum over all tokens / (sequences x max_completion_length).
+
+    For gradient accumulation pass the totals of the *whole* batch (``num_sequences``,
+    ``num_tokens``): the micro-batch losses then add up exactly to the full-batch loss.
+    Defaults are the totals of this tensor.
+    """
+    mask = mask.to(per_token.dtype)
+    nseq = per_token.shape[0] if num_sequences is None else num_sequences
+    if loss_type == "grpo":
+        per_seq = (per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
+        return per_seq.sum() / max(nseq, 1)
+    if loss_type == "dapo":
+        ntok = mask.sum() if num_tokens is None else num_tokens
+        return (per_token * mask).sum() / max(float(ntok), 1.0)
+    if loss_type == "dr_grpo":
+        L = per_token.shape[-1] if max_completion_length is None else max_completion_length
+        return (per_token * mask).sum() / (max(nseq, 1) * L)
+    raise ValueError(f"loss_type must be grpo, dapo or dr_grpo, got {loss_type!r}")
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``x`` over positions where ``mask`` is 1 (0 when the mask is empty)."""
+    m = mask.to(x.dtype)
+    return (x * m).sum() / m.sum().clamp(min=1.0)
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Per-position entropy of the softmax over the last dimension."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[target] per position, without materialising the full log-softmax twice."""
+    logits = logits.float()
+    return torch.gather(logits, -1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)

@@ -1,0 +1,148 @@
+"""Atomic checkpoints and exact resume.
+
+A checkpoint ``DIR/checkpoints/step-N/`` holds the model and tokenizer in Hugging Face
+format (safetensors), ``optimizer.pt`` and ``scheduler.pt`` (tensors and plain data only,
+loaded with ``torch.load(weights_only=True)``), ``rng.pt`` and ``trainer_state.json``.
+It is written to a temporary sibling directory, fsynced, and renamed into place, so a run
+killed while saving never leaves a directory named ``step-N`` that is incomplete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+STATE_FILE = "trainer_state.json"
+_STEP_RE = re.compile(r"^step-(\d+)$")
+
+
+def _fsync_tree(path: Path) -> None:
+    for p in sorted(path.rglob("*")):
+        if p.is_file():
+            with open(p, "rb") as fh:
+                os.fsync(fh.fileno())
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def rng_state() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "python": list(_py_state_to_list(random.getstate()))}
+
+
+def _py_state_to_list(state: tuple) -> list:
+    version, internal, gauss = state
+    return [version, list(internal), gauss]
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def save_checkpoint(
+    root: Path,
+    step: int,
+    model: Any,
+    tokenizer: Any,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    trainer_state: dict[str, Any],
+    keep: Optional[int] = None,
+) -> Path:
+    """Write ``root/step-{step}`` atomically and prune old checkpoints to ``keep``."""
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step}"
+    tmp = root / f".tmp-step-{step}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    torch.save(rng_state(), tmp / "rng.pt")
+    (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=1, sort_keys=True))
+    _fsync_tree(tmp)
+    if final.exists():  # re-saving the same step (e.g. after a resume): replace it
+        old = root / f".old-step-{step}-{os.getpid()}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    fd = os.open(root, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    if keep is not None:
+        for old_step in list_checkpoints(root)[:-keep]:
+            shutil.rmtree(root / f"step-{old_step}", ignore_errors=True)
+    return final
+
+
+def list_checkpoints(root: Path) -> list[int]:
+    """Steps of complete checkpoints, ascending. Temporary and partial directories are ignored."""
+    if not root.is_dir():
+        return []
+    steps = []
+    for p in root.iterdir():
+        m = _STEP_RE.match(p.name)
+        if m and p.is_dir() and (p / STATE_FILE).is_file():
+            steps.append(int(m.group(1)))
+    return sorted(steps)
+
+
+def latest_checkpoint(root: Path) -> Optional[Path]:
+    steps = list_checkpoints(root)
+    return root / f"step-{steps[-1]}" if steps else None
+
+
+def clean_partial(root: Path) -> int:
+    """Remove leftovers of interrupted saves. Returns how many were removed."""
+    n = 0
+    if root.is_dir():
+        for p in root.iterdir():
+            if p.name.startswith((".tmp-step-", ".old-step-")):
+                shutil.rmtree(p, ignore_errors=True)
+                n += 1
+    return n
+
+
+def load_training_state(ckpt: Path, optimizer: torch.optim.Optimizer, scheduler: Any) -> dict[str, Any]:
+    """Load optimizer, scheduler and RNG state (no pickled code) and return the trainer state."""
+    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
+    set_rng_state(torch.load(ckpt / "rng.pt", weights_only=True))
+    return json.loads((ckpt / STATE_FILE).read_text())
+
+
+def load_model_weights(model: Any, ckpt: Path) -> None:
+    """Load safetensors weights from a checkpoint into an already-built model."""
+    from safetensors.torch import load_file
+
+    files = sorted(ckpt.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{ckpt}: no safetensors weights")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    # Tied embeddings are saved once; anything else missing is an error.
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    real_missing = [k for k in missing if k not in tied and not k.endswith("lm_head.weight")]
+    if real_missing or unexpected:
+        raise RuntimeError(f"{ckpt}: checkpoint does not match the model (missing {real_missing[:3]}, unexpected {unexpected[:3]})")
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()

@@ -1,0 +1,196 @@
+"""The ``repo-rl`` command line tool.
+
+RePO here is Rephrasing Policy Optimization (arXiv 2602.10819), not Replay-Enhanced
+Policy Optimization (arXiv 2506.09340).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+from typing import Optional, Sequence
+
+from . import __version__
+
+EXIT_USAGE = 2
+
+DESCRIPTION = (
+    "RL fine-tuning of causal LMs with verifiable rewards: RePO (Rephrasing Policy Optimization, "
+    "arXiv 2602.10819 - not Replay-Enhanced Policy Optimization, arXiv 2506.09340), GRPO and baselines."
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2, like every other usage error
+        self.exit(EXIT_USAGE, f"repo-rl: error: {message} (see {self.prog} --help)\n")
+
+
+def default_config_path() -> Path:
+    return Path(str(resources.files("repo_rl") / "configs" / "toy.yaml"))
+
+
+def _fail(msg: str) -> int:
+    print(f"repo-rl: error: {msg}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .config import load_config
+
+    cfg_path = args.config or default_config_path()
+    cfg = load_config(cfg_path, args.overrides)
+    if args.output_dir:
+        out = Path(args.output_dir)
+    elif args.resume:
+        return _fail("--resume needs --output-dir DIR (the run to continue)")
+    else:
+        stem = Path(cfg_path).stem if args.config else "toy"
+        out = Path("runs") / f"{stem}-{cfg.algorithm.method}-{time.strftime('%Y%m%d-%H%M%S')}"
+    from .trainer import Trainer
+
+    print(f"repo-rl {__version__}: {cfg.algorithm.method} on {cfg.model.name_or_path}, output in {out}", file=sys.stderr)
+    trainer = Trainer(cfg, out, resume=args.resume)
+    for rep in trainer.load_reports:
+        msg = f"data: {rep.source}: {rep.loaded} rows"
+        if rep.bad:
+            msg += f", {rep.bad} bad rows skipped (first: {rep.first_errors[0]})"
+        if rep.without_solution:
+            msg += f", {rep.without_solution} without an expert solution (never rephrased)"
+        print(msg, file=sys.stderr)
+    if trainer.step:
+        print(f"resuming from step {trainer.step}", file=sys.stderr)
+    before = None
+    if cfg.model.name_or_path == "toyworld" and not args.no_eval:
+        before = _toy_eval(trainer, cfg)
+    summary = trainer.train()
+    if before is not None:
+        after = _toy_eval(trainer, cfg)
+        _print_before_after(before, after)
+        from .report import write_report
+
+        write_report(out, extra_tables={"Accuracy before and after training": (before, after)})
+        print(f"report: {out / 'report.md'}", file=sys.stderr)
+    last = summary.get("last") or {}
+    if last:
+        print(
+            f"done: {summary['steps']} steps, reward {last.get('reward', float('nan')):.3f}, "
+            f"checkpoint {out / 'checkpoints'}",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def _toy_eval(trainer, cfg) -> dict[str, float]:
+    from . import toyworld
+
+    tw = toyworld.ToyWorldConfig(
+        **{k: v for k, v in vars(cfg.toyworld).items() if k in toyworld.ToyWorldConfig.__dataclass_fields__}
+    )
+    return toyworld.evaluate_splits(trainer.model, trainer.tokenizer, tw)
+
+
+def _print_before_after(before: dict[str, float], after: dict[str, float]) -> None:
+    keys = [k for k in before if k in after]
+    w = max(len(k) for k in keys) if keys else 6
+    print(f"\n{'split':<{w}}  before  after", file=sys.stderr)
+    for k in keys:
+        print(f"{k:<{w}}  {before[k]:6.3f}  {after[k]:5.3f}", file=sys.stderr)
+
+
+def _cmd_methods(args: argparse.Namespace) -> int:
+    from .algorithms import METHODS
+
+    for name, spec in METHODS.items():
+        print(f"{name:<14} {spec.summary}")
+    return 0
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    from .config import field_docs, load_config
+
+    if args.keys:
+        for key, tp, default, doc in field_docs():
+            print(f"{key} ({tp}, default {default}): {doc}")
+        return 0
+    cfg = load_config(args.config or default_config_path(), args.overrides)
+    sys.stdout.write(cfg.to_yaml())
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    run = Path(args.run_dir)
+    if not (run / "metrics.jsonl").is_file():
+        return _fail(f"{run}: no metrics.jsonl (not a training run directory)")
+    path = write_report(run)
+    print(path)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="repo-rl", description=DESCRIPTION)
+    p.add_argument("--version", action="version", version=f"repo-rl {__version__}")
+    sub = p.add_subparsers(dest="command", parser_class=_Parser)
+
+    t = sub.add_parser(
+        "train",
+        help="train with GRPO, RePO or a baseline",
+        description="Train from a YAML config with dotted overrides (key.sub=value). With no --config, "
+        "runs the embedded toy world.",
+    )
+    t.add_argument("--config", "-c", help="YAML config file (default: the embedded toy world)")
+    t.add_argument("--output-dir", "-o", help="directory for config.yaml, metrics, completions and checkpoints")
+    t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
+    t.add_argument("--no-eval", action="store_true", help="skip the before/after accuracy table of the toy world")
+    t.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    t.set_defaults(func=_cmd_train)
+
+    m = sub.add_parser("methods", help="list the training methods")
+    m.set_defaults(func=_cmd_methods)
+
+    c = sub.add_parser("config", help="print the resolved config, or every key with --keys")
+    c.add_argument("--config", "-c")
+    c.add_argument("--keys", action="store_true", help="list every config key with its type, default and meaning")
+    c.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    c.set_defaults(func=_cmd_config)
+
+    r = sub.add_parser("report", help="write report.md with plots for a run directory")
+    r.add_argument("run_dir")
+    r.set_defaults(func=_cmd_report)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from .config import ConfigError
+    from .errors import TrainingError, UserError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv:
+        argv = ["train"]
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, UserError) as e:
+        return _fail(str(e))
+    except TrainingError as e:
+        print(f"repo-rl: training stopped: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("repo-rl: interrupted; resume with --resume", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

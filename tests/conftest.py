@@ -1,0 +1,100 @@
+"""Shared fixtures: a tiny Qwen2 model and a char-level tokenizer, built offline from a config."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+CHARS = list("abcdefghijklmnopqrstuvwxyz0123456789 +-=?.,:;|()[]{}\\\n")
+
+
+def make_tokenizer():
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(["<pad>", "<eos>", "<unk>"] + CHARS)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+
+
+def make_tiny_model_dir(path: Path, seed: int = 0, hidden: int = 64, layers: int = 2) -> Path:
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    tok = make_tokenizer()
+    cfg = Qwen2Config(
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=None,
+    )
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(cfg)
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return make_tiny_model_dir(tmp_path_factory.mktemp("tiny-qwen2"))
+
+
+ROWS = [
+    {"id": f"q{i}", "prompt": p, "answer": a, "solution": s}
+    for i, (p, a, s) in enumerate(
+        [
+            ("what is 2+3?", "5", "two plus three is 5"),
+            ("what is 4+4?", "8", "four plus four is 8"),
+            ("what is 1+6?", "7", "one plus six is 7"),
+            ("what is 3+6?", "9", "three plus six is 9"),
+            ("what is 0+2?", "2", "zero plus two is 2"),
+            ("what is 5+1?", "6", None),
+        ]
+    )
+]
+
+
+@pytest.fixture()
+def tiny_data(tmp_path) -> Path:
+    path = tmp_path / "train.jsonl"
+    with open(path, "w") as fh:
+        for r in ROWS:
+            fh.write(json.dumps({k: v for k, v in r.items() if v is not None}) + "\n")
+    return path
+
+
+def tiny_overrides(model_dir: Path, data: Path, **extra) -> list[str]:
+    """Overrides for a fast run on the tiny model with the test reward."""
+    base = {
+        "model.name_or_path": str(model_dir),
+        "data.train_files": str(data),
+        "reward.funcs": "[tests.helpers.rewards:contains_answer]",
+        "algorithm.num_generations": 4,
+        "algorithm.max_completion_length": 8,
+        "train.prompts_per_step": 3,
+        "train.max_steps": 3,
+        "train.learning_rate": 1e-3,
+        "train.micro_batch_size": 5,
+        "train.save_every": 2,
+        "repo.num_attempts": 4,
+        "logging.progress": False,
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]

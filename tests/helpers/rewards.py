@@ -1,0 +1,18 @@
+"""Custom reward functions used by the tests through dotted import paths."""
+
+
+def _text(c):
+    return c if isinstance(c, str) else c[-1]["content"]
+
+
+def contains_answer(prompts, completions, answer, **kwargs):
+    """1.0 when the reference answer occurs anywhere in the completion (a weak, easy reward)."""
+    return [1.0 if a in _text(c) else 0.0 for c, a in zip(completions, answer)]
+
+
+def always_none(prompts, completions, answer, **kwargs):
+    """Every item is a verifier failure."""
+    return [None for _ in completions]
+
+
+not_callable = 42
