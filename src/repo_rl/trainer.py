@@ -527,7 +527,8 @@ class Trainer:
             grad_norms.append(gn)
             stats["loss"] += loss_total / a.num_iterations
             self.optimizer.step()
-        self.scheduler.step()
+        if not skipped:
+            self.scheduler.step()
         timings["update"] = time.perf_counter() - t0
         tok = max(stats["tokens"], 1.0)
         out = {

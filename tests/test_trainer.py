@@ -1,0 +1,197 @@
+"""End-to-end training on a tiny model: GRPO, RePO, resume equivalence, determinism, guards."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from repo_rl.cli import main
+from repo_rl.config import build_config
+from repo_rl.errors import TrainingError
+from repo_rl.trainer import Trainer
+
+from .conftest import tiny_overrides
+
+REQUIRED_METRICS = [
+    "step", "reward", "reward_std", "frac_reward_zero_std", "repo/gate_rate", "repo/rephrase_success_rate",
+    "repo/replaced", "repo/logp_gap", "clip_ratio", "entropy", "kl", "completions/mean_length",
+    "time/generation", "time/rephrase", "time/reward", "time/logprobs", "time/update",
+]
+
+
+def read(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def no_time(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]
+
+
+def run_cli(tmp_path: Path, out: str, overrides: list[str], *flags: str) -> int:
+    cfg = tmp_path / "empty.yaml"
+    cfg.write_text("{}\n")
+    return main(["train", "--config", str(cfg), "--output-dir", str(tmp_path / out), *flags, *overrides])
+
+
+def test_grpo_end_to_end(tmp_path, tiny_model_dir, tiny_data):
+    rc = run_cli(tmp_path, "grpo", tiny_overrides(tiny_model_dir, tiny_data, **{"algorithm.method": "grpo"}))
+    assert rc == 0
+    out = tmp_path / "grpo"
+    rows = read(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for key in REQUIRED_METRICS:
+        assert key in rows[0], key
+    assert all(r["repo/gate_rate"] == 0.0 and r["repo/replaced"] == 0 for r in rows)
+    comps = read(out / "completions.jsonl")
+    assert len(comps) == 3 * 3 * 4
+    assert {c["origin"] for c in comps} == {"on_policy"}
+    assert (out / "config.yaml").is_file()
+    saved = build_config(__import__("yaml").safe_load((out / "config.yaml").read_text()))
+    assert saved.algorithm.method == "grpo" and saved.algorithm.num_generations == 4
+    # Checkpoints: step-2 and the final step-3, loadable by transformers.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ck = out / "checkpoints" / "step-3"
+    assert ck.is_dir() and (out / "checkpoints" / "step-2").is_dir()
+    assert (ck / "model.safetensors").is_file()
+    model = AutoModelForCausalLM.from_pretrained(ck)
+    AutoTokenizer.from_pretrained(ck)
+    initial = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    changed = any(not torch.equal(a, b) for a, b in zip(model.state_dict().values(), initial.state_dict().values()))
+    assert changed, "training did not change the weights"
+
+
+def test_repo_end_to_end_injects_verified_rephrases(tmp_path, tiny_model_dir, tiny_data):
+    rc = run_cli(tmp_path, "repo", tiny_overrides(tiny_model_dir, tiny_data, **{"train.max_steps": 4}))
+    assert rc == 0
+    out = tmp_path / "repo"
+    rows = read(out / "metrics.jsonl")
+    assert any(r["repo/gate_rate"] > 0 for r in rows)
+    comps = read(out / "completions.jsonl")
+    rephrased = [c for c in comps if c["origin"] == "rephrased"]
+    assert rephrased, "no gated group received a verified rephrase"
+    assert sum(r["repo/replaced"] for r in rows) == len(rephrased)
+    for c in rephrased:
+        assert c["reward"] >= 0.5  # only verified rephrasings are injected (delta = 0.5)
+        assert c["advantage"] > 0  # the injected success carries a learning signal
+        assert c["prompt_id"] != "q5"  # the row without a solution is never rephrased
+    # One rephrase per gated group at most (num_replace = 1).
+    per_group = {}
+    for c in rephrased:
+        per_group[(c["step"], c["group"])] = per_group.get((c["step"], c["group"]), 0) + 1
+    assert max(per_group.values()) == 1
+    assert all(r["repo/logp_gap"] is not None for r in rows if r["repo/replaced"] > 0)
+
+
+def test_unverified_rephrases_are_injected_only_when_allowed(tmp_path, tiny_model_dir, tiny_data):
+    over = tiny_overrides(tiny_model_dir, tiny_data, **{"repo.allow_unverified": "true", "train.max_steps": 2,
+                                                        "repo.num_attempts": 1, "repo.rho": 0.0})
+    assert run_cli(tmp_path, "unv", over) == 0
+    comps = read(tmp_path / "unv" / "completions.jsonl")
+    rephrased = [c for c in comps if c["origin"] == "rephrased"]
+    # rho = 0 gates every group with a solution: 2 steps x 3 prompts, minus rows without solution.
+    assert len(rephrased) >= 4
+    assert any(c["reward"] == 0.0 for c in rephrased)
+
+
+def test_resume_reproduces_an_uninterrupted_run(tmp_path, tiny_model_dir, tiny_data):
+    # 5 steps over 6 prompts at 3 per step: crosses an epoch boundary at step 2 -> 3.
+    common = {"train.save_every": 2, "train.save_total_limit": "null"}
+    assert run_cli(tmp_path, "full", tiny_overrides(tiny_model_dir, tiny_data, **common, **{"train.max_steps": 5})) == 0
+    assert run_cli(tmp_path, "part", tiny_overrides(tiny_model_dir, tiny_data, **common, **{"train.max_steps": 2})) == 0
+    assert run_cli(tmp_path, "part", tiny_overrides(tiny_model_dir, tiny_data, **common, **{"train.max_steps": 5}), "--resume") == 0
+    full, part = read(tmp_path / "full" / "metrics.jsonl"), read(tmp_path / "part" / "metrics.jsonl")
+    assert [r["step"] for r in part] == [1, 2, 3, 4, 5]
+    assert no_time(full) == no_time(part)
+    assert read(tmp_path / "full" / "completions.jsonl") == read(tmp_path / "part" / "completions.jsonl")
+    from safetensors.torch import load_file
+
+    a = load_file(tmp_path / "full" / "checkpoints" / "step-5" / "model.safetensors")
+    b = load_file(tmp_path / "part" / "checkpoints" / "step-5" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_same_seed_same_metrics_different_seed_differs(tmp_path, tiny_model_dir, tiny_data):
+    over = tiny_overrides(tiny_model_dir, tiny_data, **{"train.max_steps": 2})
+    assert run_cli(tmp_path, "a", over) == 0
+    assert run_cli(tmp_path, "b", over) == 0
+    assert run_cli(tmp_path, "c", over + ["train.seed=7"]) == 0
+    a, b, c = (no_time(read(tmp_path / d / "metrics.jsonl")) for d in "abc")
+    assert a == b
+    ca, cc = read(tmp_path / "a" / "completions.jsonl"), read(tmp_path / "c" / "completions.jsonl")
+    assert [x["text"] for x in ca] != [x["text"] for x in cc]
+
+
+def test_non_finite_loss_never_reaches_weights(tmp_path, tiny_model_dir, tiny_data, monkeypatch):
+    import repo_rl.trainer as tr
+
+    cfg = build_config({}, tiny_overrides(tiny_model_dir, tiny_data, **{"train.max_bad_steps": 2, "algorithm.method": "grpo"}))
+    trainer = Trainer(cfg, tmp_path / "nan", progress=False)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    real = tr.alg.clipped_surrogate
+
+    def poisoned(*args, **kwargs):
+        loss, low, high = real(*args, **kwargs)
+        return loss * float("nan"), low, high
+
+    monkeypatch.setattr(tr.alg, "clipped_surrogate", poisoned)
+    m1 = trainer.train_step()
+    assert m1["train/skipped_step"] == 1.0 and m1["train/bad_steps"] == 1.0
+    with pytest.raises(TrainingError, match="consecutive"):
+        trainer.train_step()
+    for k, v in trainer.model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    # Optimizer state was never touched either.
+    assert not trainer.optimizer.state
+
+
+def test_verifier_failures_are_counted_not_zeroed(tmp_path, tiny_model_dir, tiny_data):
+    over = tiny_overrides(tiny_model_dir, tiny_data, **{"train.max_steps": 1, "algorithm.method": "grpo",
+                                                        "reward.funcs": "[tests.helpers.rewards:always_none]"})
+    assert run_cli(tmp_path, "none", over) == 0
+    (row,) = read(tmp_path / "none" / "metrics.jsonl")
+    assert row["rewards/invalid"] == 3 * 4
+    assert row["reward"] is None  # no valid reward: reported as missing, not 0
+    comps = read(tmp_path / "none" / "completions.jsonl")
+    assert all(c["reward"] is None and c["advantage"] == 0.0 for c in comps)
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path, tiny_model_dir, tiny_data):
+    """micro_batch_size only changes how the step's gradient is computed, not its value."""
+    grads = []
+    for mb in (1, 5, 12):
+        cfg = build_config({}, tiny_overrides(tiny_model_dir, tiny_data, **{"train.micro_batch_size": mb, "algorithm.method": "grpo",
+                                                                           "train.max_grad_norm": 0}))
+        t = Trainer(cfg, tmp_path / f"mb{mb}", progress=False)
+        captured = {}
+
+        def record(*a, _t=t, _c=captured, **k):
+            for n, p in _t.model.named_parameters():
+                if p.grad is not None:
+                    _c[n] = p.grad.clone()
+
+        t.optimizer.step = record
+        t.train_step()
+        assert captured
+        grads.append(captured)
+    for other in grads[1:]:
+        assert other.keys() == grads[0].keys()
+        for k in grads[0]:
+            assert torch.allclose(grads[0][k], other[k], atol=1e-6, rtol=1e-4), k
+
+
+@pytest.mark.parametrize("loss_type,num_iterations,beta", [("grpo", 2, 0.0), ("dr_grpo", 1, 0.1), ("dapo", 2, 0.05)])
+def test_loss_variants_kl_and_ppo_epochs_run(tmp_path, tiny_model_dir, tiny_data, loss_type, num_iterations, beta):
+    over = tiny_overrides(tiny_model_dir, tiny_data, **{"train.max_steps": 1, "algorithm.loss_type": loss_type,
+                                                        "algorithm.num_iterations": num_iterations, "algorithm.beta": beta})
+    assert run_cli(tmp_path, "v", over) == 0
+    (row,) = read(tmp_path / "v" / "metrics.jsonl")
+    assert row["loss"] is not None
+    if beta > 0:
+        # The policy equals the reference before the first update: KL is ~0 but computed.
+        assert row["kl"] is not None and row["kl"] >= 0.0
