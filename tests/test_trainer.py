@@ -133,13 +133,13 @@ def test_non_finite_loss_never_reaches_weights(tmp_path, tiny_model_dir, tiny_da
     cfg = build_config({}, tiny_overrides(tiny_model_dir, tiny_data, **{"train.max_bad_steps": 2, "algorithm.method": "grpo"}))
     trainer = Trainer(cfg, tmp_path / "nan", progress=False)
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
-    real = tr.alg.clipped_surrogate
+    real = tr.alg.mixed_token_loss
 
     def poisoned(*args, **kwargs):
         loss, low, high = real(*args, **kwargs)
         return loss * float("nan"), low, high
 
-    monkeypatch.setattr(tr.alg, "clipped_surrogate", poisoned)
+    monkeypatch.setattr(tr.alg, "mixed_token_loss", poisoned)
     m1 = trainer.train_step()
     assert m1["train/skipped_step"] == 1.0 and m1["train/bad_steps"] == 1.0
     with pytest.raises(TrainingError, match="consecutive"):

@@ -84,7 +84,7 @@ class DataConfig:
 @dataclass
 class AlgorithmConfig:
     method: str = "repo"
-    """Training method from the registry: grpo | repo (``repo-rl methods`` lists all)."""
+    """Training method: grpo | repo | raw_expert | luffy | hpt_switch | sft | sft_then_grpo (``repo-rl methods``)."""
     num_generations: int = 8
     """G, rollouts per prompt (group size)."""
     max_completion_length: int = 256
@@ -146,6 +146,16 @@ class RepoConfig:
     """Rephrase length limit (None: ``algorithm.max_completion_length``)."""
     log_prob_gap: bool = True
     """Compute ``repo/logp_gap`` = log pi(o_rep|P(q,k)) - log pi(o_rep|q) (one extra forward on injected rows)."""
+
+
+@dataclass
+class BaselinesConfig:
+    luffy_gamma: float = 0.1
+    """LUFFY shaping constant gamma in f(p) = p / (p + gamma)."""
+    luffy_on_policy_stats: bool = True
+    """LUFFY: take the group mean/std from on-policy rollouts only."""
+    sft_steps: Optional[int] = None
+    """sft_then_grpo: steps of SFT before GRPO (None: half of train.max_steps)."""
 
 
 @dataclass
@@ -240,6 +250,8 @@ class Config:
     """Method and GRPO settings."""
     repo: RepoConfig = field(default_factory=RepoConfig)
     """RePO knobs (gate, rephrase, injection)."""
+    baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
+    """Knobs of the baseline methods (LUFFY, SFT then GRPO)."""
     reward: RewardConfig = field(default_factory=RewardConfig)
     """Verifiers."""
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -397,7 +409,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
             lit = ast.literal_eval(raw)
             if isinstance(lit, (int, float)) and not isinstance(lit, bool):
                 value = lit
-        except (ValueError, SyntaxError):
+        except Exception:  # literal_eval raises several types on arbitrary text
             pass
     return key.split("."), value
 
@@ -505,6 +517,9 @@ def validate(cfg: Config) -> None:
         except re.error as e:
             raise ConfigError(f"repo.strip_patterns[{i}]: invalid regular expression ({e})") from None
 
+    check(cfg.baselines.luffy_gamma > 0, "baselines.luffy_gamma", "a number > 0", cfg.baselines.luffy_gamma)
+    if cfg.baselines.sft_steps is not None:
+        check(0 <= cfg.baselines.sft_steps <= t.max_steps, "baselines.sft_steps", f"an integer in [0, train.max_steps={t.max_steps}]", cfg.baselines.sft_steps)
     check(len(cfg.reward.funcs) >= 1, "reward.funcs", "at least one reward function", cfg.reward.funcs)
     if cfg.reward.weights is not None:
         check(
@@ -531,6 +546,8 @@ def validate(cfg: Config) -> None:
     check(t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:"), "train.device", "auto, cpu, cuda or cuda:N", t.device)
     check(cfg.eval.every >= 0, "eval.every", "an integer >= 0", cfg.eval.every)
     check(cfg.eval.n >= 1, "eval.n", "an integer >= 1", cfg.eval.n)
+    if cfg.eval.max_items is not None:
+        check(cfg.eval.max_items >= 1, "eval.max_items", "an integer >= 1 or null", cfg.eval.max_items)
     if cfg.eval.every > 0 and not cfg.data.eval_files:
         raise ConfigError("eval.every: periodic evaluation needs data.eval_files")
     if isinstance(cfg.data.train_files, list) and not cfg.data.train_files:

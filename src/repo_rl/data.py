@@ -192,6 +192,8 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
                 yield where, json.loads(text)
             except json.JSONDecodeError as e:
                 yield where, DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})")
+            except (ValueError, RecursionError) as e:  # e.g. an integer beyond Python's digit limit
+                yield where, DataError(f"{where}: invalid JSON ({str(e)[:120]})")
 
 
 def _iter_json(path: Path) -> Iterator[tuple[str, Any]]:
@@ -201,6 +203,8 @@ def _iter_json(path: Path) -> Iterator[tuple[str, Any]]:
         raise DataError(f"{path}: not valid UTF-8 (byte {e.start})") from None
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+    except (ValueError, RecursionError) as e:
+        raise DataError(f"{path}: invalid JSON ({str(e)[:120]})") from None
     if isinstance(data, dict):
         for key in ("data", "rows", "examples", "test", "train"):
             if isinstance(data.get(key), list):
@@ -337,6 +341,11 @@ class PromptSampler:
         return {"epoch": self.epoch, "index": self.index, "n": self.n, "seed": self.seed}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        if state.get("seed") != self.seed:
+            raise DataError(
+                f"checkpoint was taken with train.seed={state.get('seed')}, the config now says {self.seed}; "
+                "resume with the same seed"
+            )
         if state.get("n") != self.n:
             raise DataError(
                 f"checkpoint was taken with {state.get('n')} training examples, the data now has {self.n}; "

@@ -41,6 +41,8 @@ class Sequence_:
     prompt_ids: list[int]
     completion_ids: list[int]
     truncated: bool
+    kind: int = alg.KIND_POLICY
+    """Loss applied to the sequence (``algorithms.losses.KIND_*``)."""
 
 
 @dataclass
@@ -53,6 +55,7 @@ class StepBatch:
     texts: list[str] = field(default_factory=list)
     rewards: torch.Tensor = None  # type: ignore[assignment]  # [N*G] after composition
     origins: torch.Tensor = None  # type: ignore[assignment]  # [N*G]
+    dropped: torch.Tensor = None  # type: ignore[assignment]  # [N*G] rows left out of the loss
     metrics: dict[str, float] = field(default_factory=dict)
 
 
@@ -291,8 +294,10 @@ class Trainer:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
     def _encode_completion(self, text: str) -> list[int]:
-        ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-        return ids + [self.eos_ids[0]] if self.tokenizer.eos_token_id is None else ids + [self.tokenizer.eos_token_id]
+        """Token ids of a text completion plus EOS, cut to ``max_completion_length``."""
+        eos = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else self.eos_ids[0]
+        ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"]) + [eos]
+        return ids[: self.cfg.algorithm.max_completion_length]
 
     def _is_truncated(self, ids: Sequence[int], limit: int) -> bool:
         return len(ids) >= limit and (not ids or ids[-1] not in self.eos_ids)
@@ -367,15 +372,25 @@ class Trainer:
         batch.sequences = [Sequence_(r, c, self._is_truncated(c, params.max_new_tokens)) for r, c in zip(rows, comps)]
         batch.texts = [self._decode(c) for c in comps]
 
-    def _compose(self, batch: StepBatch, rewards: torch.Tensor, timings: dict[str, float]) -> None:
+    def _gated(self, spec: alg.MethodSpec, R: torch.Tensor, eligible: torch.Tensor) -> torch.Tensor:
+        if not spec.injection:
+            return torch.zeros(R.shape[0], dtype=torch.bool)
+        if spec.gate == "rho":
+            return alg.gate(R, self.cfg.repo.delta, self.cfg.repo.rho, eligible)
+        if spec.gate == "all_fail":
+            return alg.all_failed(R, self.cfg.repo.delta) & eligible
+        return eligible.clone()  # "always"
+
+    def _compose(self, batch: StepBatch, rewards: torch.Tensor, timings: dict[str, float], spec: alg.MethodSpec) -> None:
         """Apply the method's group composition (gate -> candidates -> verify -> replace)."""
-        cfg, spec = self.cfg, self.method
+        cfg = self.cfg
         G, N = cfg.algorithm.num_generations, len(batch.examples)
         R = rewards.view(N, G)
         m = batch.metrics
         origins = torch.zeros(N * G, dtype=torch.long)
+        batch.dropped = torch.zeros(N * G, dtype=torch.bool)
         eligible = torch.tensor([e.solution is not None for e in batch.examples])
-        gated = alg.gate(R, cfg.repo.delta, cfg.repo.rho, eligible) if spec.injection else torch.zeros(N, dtype=torch.bool)
+        gated = self._gated(spec, R, eligible)
         m["repo/gate_rate"] = float(gated.float().mean())
         m["repo/replaced"] = 0.0
         m["repo/rephrase_success_rate"] = float("nan")
@@ -411,23 +426,31 @@ class Trainer:
                 cand_texts.append(text)
                 cand_seqs.append(Sequence_([], comp, self._is_truncated(ids, params.max_new_tokens) and text == raw))
                 rp_prompt_ids.append(r)
-        else:  # raw expert text, trained under q
+        else:  # the expert solution itself, trained under q
             for n in gidx:
                 ex = batch.examples[n]
                 for _ in range(A):
                     cand_texts.append(ex.solution or "")
-                    cand_seqs.append(Sequence_([], self._encode_completion(ex.solution or ""), False))
+                    comp = self._encode_completion(ex.solution or "")
+                    cand_seqs.append(Sequence_([], comp, self._is_truncated(comp, cfg.algorithm.max_completion_length)))
         timings["rephrase"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        cand_examples = [batch.examples[n] for n in gidx for _ in range(A)]
-        cand_prompts = [batch.examples[n].prompt for n in gidx for _ in range(A)]
-        cand_r, rmetrics = self.scorer(cand_prompts, cand_texts, cand_examples)
-        timings["reward"] = timings.get("reward", 0.0) + time.perf_counter() - t0
-        m["rewards/verifier_errors"] = m.get("rewards/verifier_errors", 0.0) + rmetrics["rewards/verifier_errors"]
-        m["rewards/verifier_timeouts"] = m.get("rewards/verifier_timeouts", 0.0) + rmetrics["rewards/verifier_timeouts"]
-        verified = (cand_r >= cfg.repo.delta).view(len(gidx), A)
-        choice, ok = alg.assign_candidates(verified, k, cfg.repo.allow_unverified)
-        m["repo/rephrase_success_rate"] = float(verified.float().mean())
+        if spec.injection == "rephrase":
+            t0 = time.perf_counter()
+            cand_examples = [batch.examples[n] for n in gidx for _ in range(A)]
+            cand_prompts = [batch.examples[n].prompt for n in gidx for _ in range(A)]
+            cand_r, rmetrics = self.scorer(cand_prompts, cand_texts, cand_examples)
+            timings["reward"] = timings.get("reward", 0.0) + time.perf_counter() - t0
+            m["rewards/verifier_errors"] = m.get("rewards/verifier_errors", 0.0) + rmetrics["rewards/verifier_errors"]
+            m["rewards/verifier_timeouts"] = m.get("rewards/verifier_timeouts", 0.0) + rmetrics["rewards/verifier_timeouts"]
+            verified = (cand_r >= cfg.repo.delta).view(len(gidx), A)
+            m["repo/rephrase_success_rate"] = float(verified.float().mean())
+        else:
+            # The expert solution is the reference: it is taken as correct (reward 1) whether or
+            # not the verifier can parse its foreign format.
+            cand_r = torch.ones(len(gidx) * A, dtype=torch.float64)
+            verified = torch.ones(len(gidx), A, dtype=torch.bool)
+        choice, ok = alg.assign_candidates(verified, k if spec.injection == "rephrase" else 1, cfg.repo.allow_unverified)
+        k = choice.shape[1]
 
         # Lay candidates out as [N, k] for the pure composition function.
         slots = alg.replacement_slots(R, k)
@@ -447,11 +470,14 @@ class Trainer:
             if src >= N * G:
                 c = pool_extra[src - N * G]
                 n = flat // G
-                seqs[flat] = Sequence_(batch.sequences[n * G].prompt_ids, cand_seqs[c].completion_ids, cand_seqs[c].truncated)
+                seqs[flat] = Sequence_(batch.sequences[n * G].prompt_ids, cand_seqs[c].completion_ids, cand_seqs[c].truncated, spec.injected_kind)
                 texts[flat] = cand_texts[c]
                 injected.append((flat, c))
         batch.sequences, batch.texts = seqs, texts
         batch.rewards, batch.origins = new_R.view(-1), origin.view(-1)
+        if spec.drop_group:
+            got = (origin != alg.ORIGIN_ON_POLICY).any(1, keepdim=True)
+            batch.dropped = (got & (origin == alg.ORIGIN_ON_POLICY)).view(-1)
         m["repo/replaced"] = float(len(injected))
         if injected and spec.injection == "rephrase" and cfg.repo.log_prob_gap:
             under_q = self._logprobs_all(self.model, [seqs[f] for f, _ in injected])
@@ -497,7 +523,8 @@ class Trainer:
                 old = stack(old_logps)
                 old = logp.detach() if old is None else old
                 adv = advantages[chunk].to(logp.device, logp.dtype)
-                per_tok, low, high = alg.clipped_surrogate(logp, old, adv, a.epsilon, self.cfg.epsilon_high)
+                kinds = torch.tensor([seqs[i].kind for i in chunk], device=logp.device)
+                per_tok, low, high = alg.mixed_token_loss(logp, old, adv, kinds, a.epsilon, self.cfg.epsilon_high, cfg.baselines.luffy_gamma)
                 if ref_logps is not None:
                     kl = alg.kl_k3(logp, stack(ref_logps))
                     per_tok = per_tok + a.beta * kl
@@ -551,54 +578,98 @@ class Trainer:
         out["train/bad_steps"] = float(self.bad_steps_total)
         return out
 
+    def _spec_for_step(self) -> alg.MethodSpec:
+        """The method in force at this step (composite methods switch phase)."""
+        spec = self.method
+        if not spec.phases:
+            return spec
+        first, second = spec.phases
+        n = self.cfg.baselines.sft_steps
+        n = self.cfg.train.max_steps // 2 if n is None else n
+        return alg.METHODS[first] if self.step < n else alg.METHODS[second]
+
+    def _sft_batch(self, batch: StepBatch) -> None:
+        """Pure SFT: the expert solution of each prompt under q, no rollouts."""
+        seqs, texts, keep = [], [], []
+        for n, ex in enumerate(batch.examples):
+            if ex.solution is None:
+                continue
+            comp = self._encode_completion(ex.solution)
+            seqs.append(Sequence_(self._prompt_ids(batch.dataset_index[n]), comp, self._is_truncated(comp, self.cfg.algorithm.max_completion_length), alg.KIND_SFT))
+            texts.append(ex.solution)
+            keep.append(n)
+        batch.examples = [batch.examples[n] for n in keep]
+        batch.dataset_index = [batch.dataset_index[n] for n in keep]
+        batch.sequences, batch.texts = seqs, texts
+        batch.rewards = torch.full((len(seqs),), float("nan"), dtype=torch.float64)
+        batch.origins = torch.full((len(seqs),), alg.ORIGIN_EXPERT, dtype=torch.long)
+        batch.dropped = torch.zeros(len(seqs), dtype=torch.bool)
+
     def train_step(self) -> dict[str, Any]:
         """Run one full step and return its metrics (also written to metrics.jsonl)."""
         cfg = self.cfg
         G = cfg.algorithm.num_generations
+        spec = self._spec_for_step()
         torch.manual_seed(derive_seed(cfg.train.seed, STREAM_STEP, self.step))
         t_step = time.perf_counter()
         timings = {"generation": 0.0, "rephrase": 0.0, "reward": 0.0, "logprobs": 0.0, "update": 0.0}
         idx = self.sampler.take(cfg.train.prompts_per_step)
         batch = StepBatch(examples=[self.train_examples[i] for i in idx], dataset_index=idx)
+        m: dict[str, Any] = {"step": self.step + 1, "epoch": self.sampler.epoch}
 
-        t0 = time.perf_counter()
-        self._rollouts(batch)
-        timings["generation"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        rep_examples = [e for e in batch.examples for _ in range(G)]
-        rewards, rmetrics = self.scorer([e.prompt for e in rep_examples], batch.texts, rep_examples)
-        timings["reward"] = time.perf_counter() - t0
-        batch.metrics.update(rmetrics)
-        on_policy_stats = alg.group_reward_stats(rewards.float(), G)
-        self._track_hard_prompts(batch, rewards)
-        self._compose(batch, rewards, timings)
-
-        valid = torch.isfinite(batch.rewards)
-        adv = alg.group_advantages(batch.rewards.float(), G, cfg.algorithm.scale_rewards, valid)
-        upd = self._update(batch, adv, valid, timings)
+        if spec.rollouts:
+            t0 = time.perf_counter()
+            self._rollouts(batch)
+            timings["generation"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            rep_examples = [e for e in batch.examples for _ in range(G)]
+            rewards, rmetrics = self.scorer([e.prompt for e in rep_examples], batch.texts, rep_examples)
+            timings["reward"] = time.perf_counter() - t0
+            batch.metrics.update(rmetrics)
+            on_policy_stats = alg.group_reward_stats(rewards.float(), G)
+            self._track_hard_prompts(batch, rewards)
+            self._compose(batch, rewards, timings, spec)
+            valid = torch.isfinite(batch.rewards) & ~batch.dropped
+            stats_mask = None
+            if spec.injected_kind == alg.KIND_SHAPED and cfg.baselines.luffy_on_policy_stats:
+                stats_mask = batch.origins == alg.ORIGIN_ON_POLICY
+            adv = alg.group_advantages(batch.rewards.float(), G, cfg.algorithm.scale_rewards, valid, stats_mask=stats_mask)
+            m.update(alg.group_reward_stats(batch.rewards.float(), G))
+            m["reward/on_policy"] = on_policy_stats["reward"]
+            domains = sorted({e.domain for e in batch.examples if e.domain})
+            for d in domains:
+                sel = torch.tensor([e.domain == d for e in rep_examples])
+                vals = rewards[sel]
+                vals = vals[torch.isfinite(vals)]
+                m[f"reward/domain/{d}"] = float(vals.mean()) if vals.numel() else float("nan")
+        else:
+            self._sft_batch(batch)
+            valid = torch.ones(len(batch.sequences), dtype=torch.bool)
+            adv = torch.zeros(len(batch.sequences))
+            m.update({"reward": float("nan"), "reward_std": float("nan"), "frac_reward_zero_std": float("nan"), "reward/on_policy": float("nan")})
+            batch.metrics.update({"repo/gate_rate": 0.0, "repo/replaced": 0.0, "repo/rephrase_success_rate": float("nan"), "repo/logp_gap": float("nan")})
+        # Sequences of SFT kind have no reward; they are trained whatever it is.
+        valid = valid | torch.tensor([s.kind == alg.KIND_SFT for s in batch.sequences], dtype=torch.bool)
+        if batch.sequences:
+            upd = self._update(batch, adv, valid, timings)
+        else:
+            upd = {"loss": float("nan"), "train/skipped_step": 1.0}
+            self.scheduler.step()
         self.step += 1
 
-        m: dict[str, Any] = {"step": self.step, "epoch": self.sampler.epoch}
-        m.update(alg.group_reward_stats(batch.rewards.float(), G))
-        m["reward/on_policy"] = on_policy_stats["reward"]
+        m["phase"] = spec.name
         m.update(batch.metrics)
         m.update(upd)
-        lengths = [len(s.completion_ids) for s in batch.sequences]
+        lengths = [len(s.completion_ids) for s in batch.sequences] or [0]
         m["completions/mean_length"] = sum(lengths) / len(lengths)
         m["completions/max_length"] = float(max(lengths))
         m["completions/clipped_ratio"] = sum(s.truncated for s in batch.sequences) / len(lengths)
         inj = batch.origins != alg.ORIGIN_ON_POLICY
-        m["advantage/injected_mean"] = float(adv[inj].mean()) if bool(inj.any()) else float("nan")
-        domains = sorted({e.domain for e in batch.examples if e.domain})
-        for d in domains:
-            sel = torch.tensor([e.domain == d for e in rep_examples])
-            vals = rewards[sel]
-            vals = vals[torch.isfinite(vals)]
-            m[f"reward/domain/{d}"] = float(vals.mean()) if vals.numel() else float("nan")
+        m["advantage/injected_mean"] = float(adv[inj].mean()) if bool(inj.any()) and spec.rollouts else float("nan")
         for k, v in timings.items():
             m[f"time/{k}"] = v
         m["time/step"] = time.perf_counter() - t_step
-        self._log_completions(batch, adv)
+        self._log_completions(batch, adv, G if spec.rollouts else 1)
         if self.bad_steps_consecutive >= cfg.train.max_bad_steps:
             self.metrics_log.write(m)
             raise TrainingError(
@@ -615,19 +686,20 @@ class Trainer:
         for n, ex in enumerate(batch.examples):
             self.first_seen_all_fail.setdefault(ex.id, bool(fails[n]))
 
-    def _log_completions(self, batch: StepBatch, adv: torch.Tensor) -> None:
+    def _log_completions(self, batch: StepBatch, adv: torch.Tensor, group_size: int) -> None:
         if self.completions_log is None:
             return
         for i, (text, r, o) in enumerate(zip(batch.texts, batch.rewards.tolist(), batch.origins.tolist())):
-            ex = batch.examples[i // self.cfg.algorithm.num_generations]
+            ex = batch.examples[i // group_size]
             self.completions_log.write(
                 {
                     "step": self.step,
                     "prompt_id": ex.id,
-                    "group": i // self.cfg.algorithm.num_generations,
+                    "group": i // group_size,
                     "origin": alg.ORIGIN_NAMES[o],
                     "reward": None if math.isnan(r) else r,
                     "advantage": float(adv[i]),
+                    "in_loss": not bool(batch.dropped[i]),
                     "text": text,
                 }
             )

@@ -13,10 +13,27 @@ from .groups import (
     gate,
     replacement_slots,
 )
-from .losses import aggregate, clipped_surrogate, entropy_from_logits, kl_k3, masked_mean, token_logprobs
+from .losses import (
+    KIND_POLICY,
+    KIND_SFT,
+    KIND_SHAPED,
+    aggregate,
+    clipped_surrogate,
+    entropy_from_logits,
+    kl_k3,
+    luffy_shaping,
+    masked_mean,
+    mixed_token_loss,
+    token_logprobs,
+)
 from .methods import METHODS, MethodSpec, register_method
 
 __all__ = [
+    "KIND_POLICY",
+    "KIND_SFT",
+    "KIND_SHAPED",
+    "luffy_shaping",
+    "mixed_token_loss",
     "METHODS",
     "MethodSpec",
     "ORIGIN_EXPERT",

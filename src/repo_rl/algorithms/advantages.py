@@ -14,6 +14,7 @@ def group_advantages(
     scale: str = "group",
     valid: torch.Tensor | None = None,
     eps: float = EPS,
+    stats_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Advantages ``A_i = (R_i - mean_g) / (std + eps)`` for rewards laid out group by group.
 
@@ -24,8 +25,12 @@ def group_advantages(
             rewards, ``none`` does not divide (Dr. GRPO).
         valid: optional ``[N * G]`` bool mask; invalid entries (verifier error/timeout) are
             left out of the statistics and get advantage 0.
+        stats_mask: optional ``[N * G]`` bool mask of the entries the mean and std are taken
+            from (LUFFY's on-policy-only statistics); every valid entry still gets an advantage.
     The std is the unbiased sample std, as in TRL. A group whose valid rewards are all equal
-    (or that has fewer than two valid entries) gets advantage 0, never NaN.
+    (or that has fewer than two valid entries) gets advantage 0, never NaN. With a
+    ``stats_mask`` whose group entries are constant (an all-fail on-policy group), the
+    injected entries get ``R - mean`` undivided instead of ``(R - mean) / eps``.
     """
     if rewards.dim() != 1 or rewards.numel() % group_size:
         raise ValueError(f"rewards must be 1-D with a multiple of {group_size} entries, got {tuple(rewards.shape)}")
@@ -34,18 +39,29 @@ def group_advantages(
     r = rewards.to(torch.float64)
     v = torch.isfinite(r) if valid is None else (valid.bool() & torch.isfinite(r))
     r = torch.where(v, r, torch.zeros_like(r))
+    s = v if stats_mask is None else (v & stats_mask.bool())
     rg, vg = r.view(-1, group_size), v.view(-1, group_size).to(r.dtype)
-    n = vg.sum(1, keepdim=True)
-    mean = rg.sum(1, keepdim=True) / n.clamp(min=1)
+    sg = s.view(-1, group_size).to(r.dtype)
+    n = sg.sum(1, keepdim=True)
+    mean = (rg * sg).sum(1, keepdim=True) / n.clamp(min=1)
     adv = (rg - mean) * vg
     if scale == "group":
-        var = ((rg - mean) ** 2 * vg).sum(1, keepdim=True) / (n - 1).clamp(min=1)
+        var = ((rg - mean) ** 2 * sg).sum(1, keepdim=True) / (n - 1).clamp(min=1)
         adv = adv / (var.sqrt() + eps)
     elif scale == "batch":
-        flat, fv = r[v], v.sum()
+        flat, fv = r[s], s.sum()
         std = flat.std() if fv > 1 else torch.zeros((), dtype=r.dtype)
         adv = adv / (std + eps)
-    adv = torch.where(n >= 2, adv, torch.zeros_like(adv))
+    if stats_mask is None:
+        big = torch.finfo(r.dtype).max
+        hi = torch.where(vg.bool(), rg, torch.full_like(rg, -big)).amax(1, keepdim=True)
+        lo = torch.where(vg.bool(), rg, torch.full_like(rg, big)).amin(1, keepdim=True)
+        adv = torch.where((n >= 2) & (hi > lo), adv, torch.zeros_like(adv))
+    else:  # with outside statistics, a constant on-policy group still scores the injected entries
+        adv = torch.where(n >= 1, adv, torch.zeros_like(adv))
+        if scale == "group":
+            const = (n < 2) | (var.sqrt() < 1e-12)
+            adv = torch.where(const, (rg - mean) * vg, adv)
     return adv.view(-1).to(rewards.dtype if rewards.is_floating_point() else torch.float32)
 
 

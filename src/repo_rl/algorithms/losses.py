@@ -88,3 +88,40 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """log softmax(logits)[target] per position, without materialising the full log-softmax twice."""
     logits = logits.float()
     return torch.gather(logits, -1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+# Per-sequence loss kinds of :func:`mixed_token_loss`.
+KIND_POLICY = 0
+"""Clipped surrogate (on-policy rollouts, RePO rephrasings, raw expert text trained as a rollout)."""
+KIND_SHAPED = 1
+"""LUFFY off-policy term: ``-f(pi) * A`` with ``f(p) = p / (p + gamma)``, no clipping."""
+KIND_SFT = 2
+"""Negative log-likelihood (HPT/ReLIFT switch, SFT)."""
+
+
+def luffy_shaping(p: torch.Tensor, gamma: float) -> torch.Tensor:
+    """LUFFY's policy shaping ``f(p) = p / (p + gamma)`` of a token probability."""
+    return p / (p + gamma)
+
+
+def mixed_token_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    kind: torch.Tensor,
+    epsilon_low: float,
+    epsilon_high: float,
+    gamma: float = 0.1,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token loss where each sequence has a kind (``[B]`` of KIND_*).
+
+    Policy rows use :func:`clipped_surrogate`; shaped rows ``-luffy_shaping(exp(logp)) * A``;
+    SFT rows ``-logp``. The clip masks are zero outside policy rows.
+    """
+    clipped, low, high = clipped_surrogate(logp, old_logp, advantages, epsilon_low, epsilon_high)
+    k = kind.view(-1, 1).expand_as(logp)
+    adv = advantages.unsqueeze(-1) if advantages.dim() == logp.dim() - 1 else advantages
+    shaped = -luffy_shaping(torch.exp(logp), gamma) * adv
+    loss = torch.where(k == KIND_POLICY, clipped, torch.where(k == KIND_SHAPED, shaped, -logp))
+    pol = k == KIND_POLICY
+    return loss, low & pol, high & pol
