@@ -491,7 +491,8 @@ class Trainer:
         seqs = batch.sequences
         loss_mask_seq = valid.clone()
         if a.mask_truncated_completions:
-            loss_mask_seq &= torch.tensor([not s.truncated for s in seqs])
+            # Only sampled completions are masked; expert/SFT text cut to the limit still trains.
+            loss_mask_seq &= torch.tensor([not (s.truncated and s.kind == alg.KIND_POLICY) for s in seqs])
         n_seq = int(loss_mask_seq.sum())
         n_tok = sum(len(s.completion_ids) for s, v in zip(seqs, loss_mask_seq.tolist()) if v)
         t0 = time.perf_counter()

@@ -46,22 +46,25 @@ def group_advantages(
     mean = (rg * sg).sum(1, keepdim=True) / n.clamp(min=1)
     adv = (rg - mean) * vg
     if scale == "group":
-        var = ((rg - mean) ** 2 * sg).sum(1, keepdim=True) / (n - 1).clamp(min=1)
-        adv = adv / (var.sqrt() + eps)
-    elif scale == "batch":
-        flat, fv = r[s], s.sum()
-        std = flat.std() if fv > 1 else torch.zeros((), dtype=r.dtype)
+        std = (((rg - mean) ** 2 * sg).sum(1, keepdim=True) / (n - 1).clamp(min=1)).sqrt()
+        degenerate = (n < 2) | (std < 1e-12)
+    else:
+        flat = r[s]
+        std = flat.std() if flat.numel() > 1 else torch.zeros((), dtype=r.dtype)
+        degenerate = torch.full_like(n, bool(flat.numel() < 2 or std < 1e-12), dtype=torch.bool)
+    if scale != "none":
         adv = adv / (std + eps)
     if stats_mask is None:
+        # Groups without spread among their valid rewards carry no signal: exactly 0.
         big = torch.finfo(r.dtype).max
         hi = torch.where(vg.bool(), rg, torch.full_like(rg, -big)).amax(1, keepdim=True)
         lo = torch.where(vg.bool(), rg, torch.full_like(rg, big)).amin(1, keepdim=True)
         adv = torch.where((n >= 2) & (hi > lo), adv, torch.zeros_like(adv))
-    else:  # with outside statistics, a constant on-policy group still scores the injected entries
+    else:
+        # Outside statistics (LUFFY): when they have no spread, do not divide by ~eps.
+        if scale != "none":
+            adv = torch.where(degenerate, (rg - mean) * vg, adv)
         adv = torch.where(n >= 1, adv, torch.zeros_like(adv))
-        if scale == "group":
-            const = (n < 2) | (var.sqrt() < 1e-12)
-            adv = torch.where(const, (rg - mean) * vg, adv)
     return adv.view(-1).to(rewards.dtype if rewards.is_floating_point() else torch.float32)
 
 

@@ -118,8 +118,10 @@ def mixed_token_loss(
     Policy rows use :func:`clipped_surrogate`; shaped rows ``-luffy_shaping(exp(logp)) * A``;
     SFT rows ``-logp``. The clip masks are zero outside policy rows.
     """
-    clipped, low, high = clipped_surrogate(logp, old_logp, advantages, epsilon_low, epsilon_high)
     k = kind.view(-1, 1).expand_as(logp)
+    # Non-policy rows never use the ratio; pin it to 1 there so no overflow can leak NaN gradients.
+    old_logp = torch.where(k == KIND_POLICY, old_logp, logp.detach())
+    clipped, low, high = clipped_surrogate(logp, old_logp, advantages, epsilon_low, epsilon_high)
     adv = advantages.unsqueeze(-1) if advantages.dim() == logp.dim() - 1 else advantages
     shaped = -luffy_shaping(torch.exp(logp), gamma) * adv
     loss = torch.where(k == KIND_POLICY, clipped, torch.where(k == KIND_SHAPED, shaped, -logp))
