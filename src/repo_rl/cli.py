@@ -159,6 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("overrides", nargs="*", metavar="key.sub=value")
     c.set_defaults(func=_cmd_config)
 
+    from .evaluate import add_eval_parser
+
+    add_eval_parser(sub)
+
     r = sub.add_parser("report", help="write report.md with plots for a run directory")
     r.add_argument("run_dir")
     r.set_defaults(func=_cmd_report)
