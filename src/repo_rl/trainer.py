@@ -196,6 +196,7 @@ class Trainer:
         self.bad_steps_total = 0
         self.bad_steps_consecutive = 0
         self.first_seen_all_fail: dict[str, bool] = {}
+        self.last_solved: dict[str, bool] = {}
 
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
@@ -258,6 +259,7 @@ class Trainer:
         self.bad_steps_total = int(state.get("bad_steps_total", 0))
         self.bad_steps_consecutive = int(state.get("bad_steps_consecutive", 0))
         self.first_seen_all_fail = dict(state.get("first_seen_all_fail", {}))
+        self.last_solved = dict(state.get("last_solved", {}))
         for name in ("metrics.jsonl", "completions.jsonl"):
             truncate_jsonl(self.out / name, self.step)
 
@@ -268,6 +270,7 @@ class Trainer:
             "bad_steps_total": self.bad_steps_total,
             "bad_steps_consecutive": self.bad_steps_consecutive,
             "first_seen_all_fail": self.first_seen_all_fail,
+            "last_solved": self.last_solved,
             "model_path": self.model_path,
         }
         self.metrics_log.sync()
@@ -393,6 +396,7 @@ class Trainer:
         gated = self._gated(spec, R, eligible)
         m["repo/gate_rate"] = float(gated.float().mean())
         m["repo/replaced"] = 0.0
+        m["repo/utilization"] = float("nan")
         m["repo/rephrase_success_rate"] = float("nan")
         m["repo/logp_gap"] = float("nan")
         if not spec.injection or not bool(gated.any()):
@@ -479,6 +483,9 @@ class Trainer:
             got = (origin != alg.ORIGIN_ON_POLICY).any(1, keepdim=True)
             batch.dropped = (got & (origin == alg.ORIGIN_ON_POLICY)).view(-1)
         m["repo/replaced"] = float(len(injected))
+        # Hard-sample utilisation, part (a): gated groups that got a positive learning signal.
+        positive = (accept & (cand_rewards >= cfg.repo.delta)).any(1)
+        m["repo/utilization"] = float(positive[gated].float().mean())
         if injected and spec.injection == "rephrase" and cfg.repo.log_prob_gap:
             under_q = self._logprobs_all(self.model, [seqs[f] for f, _ in injected])
             under_p = self._logprobs_all(self.model, [Sequence_(rp_prompt_ids[c], cand_seqs[c].completion_ids, False) for _, c in injected])
@@ -628,7 +635,7 @@ class Trainer:
             timings["reward"] = time.perf_counter() - t0
             batch.metrics.update(rmetrics)
             on_policy_stats = alg.group_reward_stats(rewards.float(), G)
-            self._track_hard_prompts(batch, rewards)
+            m.update(self._track_hard_prompts(batch, rewards))
             self._compose(batch, rewards, timings, spec)
             valid = torch.isfinite(batch.rewards) & ~batch.dropped
             stats_mask = None
@@ -679,13 +686,21 @@ class Trainer:
             )
         return m
 
-    def _track_hard_prompts(self, batch: StepBatch, rewards: torch.Tensor) -> None:
-        """Remember, for each prompt, whether its first group was all-fail (hard-sample utilisation)."""
+    def _track_hard_prompts(self, batch: StepBatch, rewards: torch.Tensor) -> dict[str, float]:
+        """Hard-sample utilisation, part (b): prompts that were all-fail when first seen and
+        whose latest on-policy group had at least one success (see docs/EVALUATION.md)."""
         G = self.cfg.algorithm.num_generations
-        R = rewards.view(-1, G)
-        fails = alg.all_failed(R, self.cfg.repo.delta)
+        fails = alg.all_failed(rewards.view(-1, G), self.cfg.repo.delta)
         for n, ex in enumerate(batch.examples):
             self.first_seen_all_fail.setdefault(ex.id, bool(fails[n]))
+            self.last_solved[ex.id] = not bool(fails[n])
+        hard = [k for k, v in self.first_seen_all_fail.items() if v]
+        solved = sum(self.last_solved.get(k, False) for k in hard)
+        return {
+            "hard/first_seen_all_fail": float(len(hard)),
+            "hard/solved": float(solved),
+            "hard/solved_frac": solved / len(hard) if hard else float("nan"),
+        }
 
     def _log_completions(self, batch: StepBatch, adv: torch.Tensor, group_size: int) -> None:
         if self.completions_log is None:
@@ -763,9 +778,4 @@ class Trainer:
             if self.completions_log is not None:
                 self.completions_log.close()
             self.trackers.close()
-        solved_hard = self.hard_sample_summary()
-        return {"steps": self.step, "last": last, **solved_hard}
-
-    def hard_sample_summary(self) -> dict[str, Any]:
-        hard = [k for k, v in self.first_seen_all_fail.items() if v]
-        return {"prompts_seen": len(self.first_seen_all_fail), "prompts_all_fail_first_seen": len(hard)}
+        return {"steps": self.step, "last": last}
