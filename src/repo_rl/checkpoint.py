@@ -128,9 +128,15 @@ def load_training_state(ckpt: Path, optimizer: torch.optim.Optimizer, scheduler:
     return json.loads((ckpt / STATE_FILE).read_text())
 
 
-def load_model_weights(model: Any, ckpt: Path) -> None:
-    """Load safetensors weights from a checkpoint into an already-built model."""
+def load_model_weights(model: Any, ckpt: Path, adapter: bool = False) -> None:
+    """Load safetensors weights from a checkpoint into an already-built model (or its LoRA adapter)."""
     from safetensors.torch import load_file
+
+    if adapter:
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, load_file(str(ckpt / "adapter_model.safetensors")))
+        return
 
     files = sorted(ckpt.glob("*.safetensors"))
     if not files:

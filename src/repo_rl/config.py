@@ -33,6 +33,18 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class LoraSettings:
+    r: int = 0
+    """LoRA rank (0: full fine-tuning). With LoRA the reference model is the adapter-disabled model."""
+    alpha: int = 16
+    """LoRA scaling alpha."""
+    dropout: float = 0.0
+    """LoRA dropout."""
+    target_modules: Union[str, list[str]] = "all-linear"
+    """Modules that get adapters: ``all-linear`` or a list of module names (q_proj, v_proj ...)."""
+
+
+@dataclass
 class ModelConfig:
     name_or_path: str = "toyworld"
     """Local directory or hub id of a causal LM; ``toyworld`` is the embedded tiny model,
@@ -47,6 +59,8 @@ class ModelConfig:
     """``auto`` applies the tokenizer's chat template when it has one; ``never`` uses raw text."""
     system_prompt: Optional[str] = None
     """Optional system message prepended to plain-text prompts when a chat template is used."""
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    """LoRA adapters through peft (``model.lora.r=16``)."""
 
 
 @dataclass
@@ -198,6 +212,8 @@ class TrainConfig:
     """torch intra-op threads (None: torch default)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
+    logprob_chunk_size: Optional[int] = None
+    """Compute log-probs this many positions at a time so vocab x length logits never exist at once (None: off)."""
     save_every: int = 50
     """Save a checkpoint every N steps (0: only at the end)."""
     save_total_limit: Optional[int] = 2
@@ -473,6 +489,10 @@ def validate(cfg: Config) -> None:
         if not cond:
             raise ConfigError(f"{key}: expected {expected}, got {value!r}")
 
+    lo = cfg.model.lora
+    check(lo.r >= 0, "model.lora.r", "an integer >= 0 (0: off)", lo.r)
+    check(lo.alpha > 0, "model.lora.alpha", "an integer > 0", lo.alpha)
+    check(0 <= lo.dropout < 1, "model.lora.dropout", "a number in [0, 1)", lo.dropout)
     check(a.num_generations >= 2, "algorithm.num_generations", "an integer >= 2 (group-relative advantages need a group)", a.num_generations)
     check(a.max_completion_length >= 1, "algorithm.max_completion_length", "a positive integer", a.max_completion_length)
     check(a.temperature >= 0, "algorithm.temperature", "a number >= 0", a.temperature)
@@ -539,6 +559,8 @@ def validate(cfg: Config) -> None:
     check(t.save_every >= 0, "train.save_every", "an integer >= 0", t.save_every)
     if t.save_total_limit is not None:
         check(t.save_total_limit >= 1, "train.save_total_limit", "an integer >= 1 or null", t.save_total_limit)
+    if t.logprob_chunk_size is not None:
+        check(t.logprob_chunk_size >= 1, "train.logprob_chunk_size", "a positive integer or null", t.logprob_chunk_size)
     check(t.max_bad_steps >= 1, "train.max_bad_steps", "an integer >= 1", t.max_bad_steps)
     check(t.seed >= 0, "train.seed", "an integer >= 0", t.seed)
     if t.threads is not None:

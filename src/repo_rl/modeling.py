@@ -89,3 +89,19 @@ def eos_token_ids(model: Any, tokenizer: Any) -> list[int]:
     if not ids:
         raise UserError("the tokenizer and generation config define no EOS token; completions could never end")
     return sorted(ids)
+
+
+def apply_lora(model: Any, lora: Any) -> Any:
+    """Wrap ``model`` with LoRA adapters (peft). Only adapter weights are trained and saved."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise UserError("model.lora.r > 0 needs peft: pip install 'repo-rl[lora]'") from None
+    targets = lora.target_modules
+    try:
+        return get_peft_model(
+            model,
+            LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets, task_type="CAUSAL_LM"),
+        )
+    except ValueError as e:
+        raise UserError(f"model.lora.target_modules={targets}: {str(e).splitlines()[0][:200]}") from None

@@ -25,7 +25,8 @@ from .checkpoint import clean_partial, latest_checkpoint, load_model_weights, lo
 from .config import Config
 from .data import DataError, Example, LoadReport, PromptSampler, load_examples
 from .errors import TrainingError, UserError
-from .modeling import eos_token_ids, load_model_and_tokenizer
+from .logprobs import check_chunkable, completion_logprobs
+from .modeling import apply_lora, eos_token_ids, load_model_and_tokenizer
 from .prompts import PromptRenderer, strip_meta
 from .rollout import HFGenerator, SamplingParams, derive_seed
 from .tracking import JsonlWriter, Trackers, check_writable, truncate_jsonl
@@ -164,15 +165,25 @@ class Trainer:
 
         self.model, self.tokenizer, self.model_path = load_model_and_tokenizer(cfg.model, cfg.toyworld, str(self.device))
         self.model.config.use_cache = False
+        if cfg.train.logprob_chunk_size:
+            check_chunkable(self.model)
         if cfg.train.gradient_checkpointing:
-            self.model.gradient_checkpointing_enable()
+            if hasattr(self.model, "activation_checkpointing_enable"):  # transformers >= 5
+                self.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.lora = cfg.model.lora.r > 0
+        if self.lora:
+            self.model = apply_lora(self.model, cfg.model.lora)
+        # Forward passes go to the transformers model (with LoRA layers injected in place).
+        self.core = self.model.get_base_model() if self.lora else self.model
         self.model.train()
         self.renderer = PromptRenderer(self.tokenizer, cfg.model.chat_template, cfg.model.system_prompt)
         self.eos_ids = eos_token_ids(self.model, self.tokenizer)
         self.autocast_dtype = torch.bfloat16 if cfg.train.bf16 else None
-        self.generator = HFGenerator(self.model, self.eos_ids, self.tokenizer.pad_token_id, autocast_dtype=self.autocast_dtype)
+        self.generator = HFGenerator(self.core, self.eos_ids, self.tokenizer.pad_token_id, autocast_dtype=self.autocast_dtype)
         self.ref_model = None
-        if cfg.algorithm.beta > 0:
+        if cfg.algorithm.beta > 0 and not self.lora:
             self.ref_model = copy.deepcopy(self.model).eval()
             for p in self.ref_model.parameters():
                 p.requires_grad_(False)
@@ -247,9 +258,7 @@ class Trainer:
         ckpt = latest_checkpoint(root)
         if ckpt is None:
             return  # nothing to resume: start from scratch
-        load_model_weights(self.model, ckpt)
-        if self.ref_model is not None and (ckpt / "ref").is_dir():
-            load_model_weights(self.ref_model, ckpt / "ref")
+        load_model_weights(self.model, ckpt, adapter=self.lora)
         state = load_training_state(ckpt, self.optimizer, self.scheduler)
         try:
             self.sampler.load_state_dict(state["sampler"])
@@ -335,14 +344,7 @@ class Trainer:
         pos = (attn.cumsum(-1) - 1).clamp(min=0)
         ctx = contextlib.nullcontext() if with_grad else torch.no_grad()
         with ctx, self._autocast():
-            logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False).logits
-        logits = logits[:, P - 1 : P - 1 + T, :].float()
-        targets = ids[:, P : P + T]
-        logp = alg.token_logprobs(logits, targets)
-        ent = None
-        if want_entropy:
-            with torch.no_grad():
-                ent = alg.entropy_from_logits(logits.detach())
+            logp, ent = completion_logprobs(model, ids, attn, pos, P, T, self.cfg.train.logprob_chunk_size, want_entropy)
         return logp, cmask, ent
 
     def _micro_batches(self, seqs: Sequence[Sequence_]) -> list[list[int]]:
@@ -487,8 +489,8 @@ class Trainer:
         positive = (accept & (cand_rewards >= cfg.repo.delta)).any(1)
         m["repo/utilization"] = float(positive[gated].float().mean())
         if injected and spec.injection == "rephrase" and cfg.repo.log_prob_gap:
-            under_q = self._logprobs_all(self.model, [seqs[f] for f, _ in injected])
-            under_p = self._logprobs_all(self.model, [Sequence_(rp_prompt_ids[c], cand_seqs[c].completion_ids, False) for _, c in injected])
+            under_q = self._logprobs_all(self.core, [seqs[f] for f, _ in injected])
+            under_p = self._logprobs_all(self.core, [Sequence_(rp_prompt_ids[c], cand_seqs[c].completion_ids, False) for _, c in injected])
             gaps = [float(p.sum() - q.sum()) for p, q in zip(under_p, under_q)]
             m["repo/logp_gap"] = sum(gaps) / len(gaps)
 
@@ -503,8 +505,13 @@ class Trainer:
         n_seq = int(loss_mask_seq.sum())
         n_tok = sum(len(s.completion_ids) for s, v in zip(seqs, loss_mask_seq.tolist()) if v)
         t0 = time.perf_counter()
-        old_logps = self._logprobs_all(self.model, seqs) if a.num_iterations > 1 else None
-        ref_logps = self._logprobs_all(self.ref_model, seqs) if self.ref_model is not None else None
+        old_logps = self._logprobs_all(self.core, seqs) if a.num_iterations > 1 else None
+        ref_logps = None
+        if self.ref_model is not None:
+            ref_logps = self._logprobs_all(self.ref_model, seqs)
+        elif self.lora and a.beta > 0:
+            with self.model.disable_adapter():  # the reference is the base model: no second copy
+                ref_logps = self._logprobs_all(self.core, seqs)
         timings["logprobs"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         stats = {"loss": 0.0, "clip_low": 0.0, "clip_high": 0.0, "kl": 0.0, "entropy": 0.0, "tokens": 0.0}
@@ -515,7 +522,7 @@ class Trainer:
             loss_total = 0.0
             for chunk in self._micro_batches(seqs):
                 mb = [seqs[i] for i in chunk]
-                logp, mask, ent = self._forward_logprobs(self.model, mb, with_grad=True, want_entropy=(it == 0))
+                logp, mask, ent = self._forward_logprobs(self.core, mb, with_grad=True, want_entropy=(it == 0))
                 seq_w = loss_mask_seq[chunk].to(mask.device, mask.dtype)
                 mask = mask * seq_w.unsqueeze(-1)
                 T = logp.shape[1]
@@ -573,7 +580,7 @@ class Trainer:
             "clip_ratio/high_mean": stats["clip_high"] / tok,
             "clip_ratio/region_mean": (stats["clip_low"] + stats["clip_high"]) / tok,
             "entropy": stats["entropy"] / tok,
-            "kl": stats["kl"] / tok if self.ref_model is not None else 0.0,
+            "kl": stats["kl"] / tok if a.beta > 0 else 0.0,
             "learning_rate": self.scheduler.get_last_lr()[0],
         }
         out["clip_ratio"] = out["clip_ratio/region_mean"]

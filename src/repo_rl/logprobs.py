@@ -1,0 +1,77 @@
+"""Per-token log-probs of completions, optionally in chunks of positions.
+
+The plain path asks the model for logits of the completion positions only
+(``logits_to_keep``). The chunked path runs the decoder once, then applies the output
+head to ``chunk_size`` positions at a time under activation checkpointing, so the full
+``[batch, length, vocab]`` logits never exist at once, in the forward or the backward pass.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from . import algorithms as alg
+from .errors import UserError
+
+# Config attributes of models whose head output is post-processed (soft-capped or scaled):
+# the chunked path applies the bare output embedding, so it refuses them.
+_LOGIT_POSTPROCESS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+def check_chunkable(model: Any) -> None:
+    cfg = getattr(model, "config", None)
+    for name in _LOGIT_POSTPROCESS:
+        if getattr(cfg, name, None) not in (None, 1, 1.0):
+            raise UserError(
+                f"train.logprob_chunk_size: the model post-processes its logits ({name}={getattr(cfg, name)}); "
+                "chunked log-probs are not supported for it, leave train.logprob_chunk_size unset"
+            )
+
+
+def _chunk_logprobs(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, want_entropy: bool):
+    logits = head(hidden).float()
+    lp = alg.token_logprobs(logits, targets)
+    ent = alg.entropy_from_logits(logits.detach()) if want_entropy else None
+    return lp, ent
+
+
+def completion_logprobs(
+    model: Any,
+    ids: torch.Tensor,
+    attn: torch.Tensor,
+    pos: torch.Tensor,
+    prompt_len: int,
+    completion_len: int,
+    chunk_size: Optional[int] = None,
+    want_entropy: bool = False,
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Log-probs ``[B, T]`` (and entropies) of ``ids[:, P:P+T]`` given everything before them.
+
+    Rows are left-padded so every completion starts at column ``P = prompt_len``.
+    """
+    P, T = prompt_len, completion_len
+    targets = ids[:, P : P + T]
+    if not chunk_size:
+        logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False, logits_to_keep=T + 1).logits
+        logits = logits[:, :T, :].float()
+        lp = alg.token_logprobs(logits, targets)
+        ent = alg.entropy_from_logits(logits.detach()) if want_entropy else None
+        return lp, ent
+    decoder = model.get_decoder()
+    head = model.get_output_embeddings()
+    hidden = decoder(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False).last_hidden_state
+    hidden = hidden[:, P - 1 : P - 1 + T]
+    lps, ents = [], []
+    for s in range(0, T, chunk_size):
+        h, t = hidden[:, s : s + chunk_size], targets[:, s : s + chunk_size]
+        if torch.is_grad_enabled() and h.requires_grad:
+            lp, ent = checkpoint(_chunk_logprobs, head, h, t, want_entropy, use_reentrant=False)
+        else:
+            lp, ent = _chunk_logprobs(head, h, t, want_entropy)
+        lps.append(lp)
+        if ent is not None:
+            ents.append(ent)
+    return torch.cat(lps, 1), (torch.cat(ents, 1) if want_entropy else None)
