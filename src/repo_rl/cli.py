@@ -33,6 +33,16 @@ def default_config_path() -> Path:
     return Path(str(resources.files("repo_rl") / "configs" / "toy.yaml"))
 
 
+def _is_main_process() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _info(msg: str) -> None:
+    """Progress messages go to stderr, once per run (rank 0 of a multi-process launch)."""
+    if _is_main_process():
+        print(msg, file=sys.stderr)
+
+
 def _fail(msg: str) -> int:
     print(f"repo-rl: error: {msg}", file=sys.stderr)
     return EXIT_USAGE
@@ -52,7 +62,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         out = Path("runs") / f"{stem}-{cfg.algorithm.method}-{time.strftime('%Y%m%d-%H%M%S')}"
     from .trainer import Trainer
 
-    print(f"repo-rl {__version__}: {cfg.algorithm.method} on {cfg.model.name_or_path}, output in {out}", file=sys.stderr)
+    _info(f"repo-rl {__version__}: {cfg.algorithm.method} on {cfg.model.name_or_path}, output in {out}")
     trainer = Trainer(cfg, out, resume=args.resume)
     for rep in trainer.load_reports:
         msg = f"data: {rep.source}: {rep.loaded} rows"
@@ -60,11 +70,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
             msg += f", {rep.bad} bad rows skipped (first: {rep.first_errors[0]})"
         if rep.without_solution:
             msg += f", {rep.without_solution} without an expert solution (never rephrased)"
-        print(msg, file=sys.stderr)
+        _info(msg)
     if trainer.step:
-        print(f"resuming from step {trainer.step}", file=sys.stderr)
+        _info(f"resuming from step {trainer.step}")
     before = None
-    if cfg.model.name_or_path == "toyworld" and not args.no_eval:
+    if cfg.model.name_or_path == "toyworld" and not args.no_eval and _is_main_process():
         before = _toy_eval(trainer, cfg)
     summary = trainer.train()
     if before is not None:
@@ -76,11 +86,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print(f"report: {out / 'report.md'}", file=sys.stderr)
     last = summary.get("last") or {}
     if last:
-        print(
-            f"done: {summary['steps']} steps, reward {last.get('reward', float('nan')):.3f}, "
-            f"checkpoint {out / 'checkpoints'}",
-            file=sys.stderr,
-        )
+        _info(f"done: {summary['steps']} steps, reward {last.get('reward', float('nan')):.3f}, checkpoint {out / 'checkpoints'}")
     return 0
 
 

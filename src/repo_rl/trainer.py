@@ -23,6 +23,7 @@ import torch
 from . import algorithms as alg
 from .checkpoint import clean_partial, latest_checkpoint, load_model_weights, load_training_state, save_checkpoint
 from .config import Config
+from .distributed import Dist
 from .data import DataError, Example, LoadReport, PromptSampler, load_examples
 from .errors import TrainingError, UserError
 from .logprobs import check_chunkable, completion_logprobs
@@ -92,6 +93,8 @@ class RewardScorer:
         return stats.snapshot() if stats is not None and hasattr(stats, "snapshot") else {}
 
     def __call__(self, prompts: list[Any], completions: list[str], examples: list[Example]) -> tuple[torch.Tensor, dict[str, float]]:
+        """Combined rewards ``[len(completions)]`` (NaN where a function gave None) and counters
+        (sums and counts, so they add up across ranks)."""
         cols: dict[str, list[Any]] = {
             "answer": [e.answer for e in examples],
             "solution": [e.solution for e in examples],
@@ -111,7 +114,8 @@ class RewardScorer:
             vals = torch.tensor([float("nan") if v is None else float(v) for v in out], dtype=torch.float64)
             nones += int(torch.isnan(vals).sum())
             finite = vals[torch.isfinite(vals)]
-            metrics[f"rewards/{name}/mean"] = float(finite.mean()) if finite.numel() else float("nan")
+            metrics[f"rewards/{name}/sum"] = float(finite.sum())
+            metrics[f"rewards/{name}/count"] = float(finite.numel())
             total = total + w * vals
         errors = timeouts = 0
         for i, fn in enumerate(self.funcs):
@@ -140,7 +144,15 @@ class Trainer:
     def _setup(self) -> None:
         cfg = self.cfg
         ckroot = self.out / "checkpoints"
-        check_writable(self.out)
+        self.dist = Dist()
+        if cfg.train.prompts_per_step % self.dist.world:
+            raise UserError(
+                f"train.prompts_per_step={cfg.train.prompts_per_step}: expected a multiple of the {self.dist.world} processes "
+                "(each process takes whole groups)"
+            )
+        if self.dist.is_main:
+            check_writable(self.out)
+        self.dist.barrier()
         if not self.resume and latest_checkpoint(ckroot) is not None:
             raise UserError(f"--output-dir {self.out}: already holds a run with checkpoints; pass --resume to continue it or choose another directory")
         if cfg.train.threads:
@@ -148,6 +160,8 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         dev = cfg.train.device
         self.device = torch.device("cuda" if dev == "auto" and torch.cuda.is_available() else ("cpu" if dev == "auto" else dev))
+        if self.dist.device is not None and self.device.type == "cuda":
+            self.device = self.dist.device  # one GPU per process
 
         # Data first: a bad row should fail before a model is loaded.
         self.load_reports: list[LoadReport] = []
@@ -209,17 +223,20 @@ class Trainer:
         self.first_seen_all_fail: dict[str, bool] = {}
         self.last_solved: dict[str, bool] = {}
 
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
+        main = self.dist.is_main
+        if main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
         if self.resume:
             self._load_latest()
-        elif (self.out / "metrics.jsonl").exists():
+        elif main and (self.out / "metrics.jsonl").exists():
             # A fresh run in a directory with metrics but no checkpoint: start the logs over.
             for name in ("metrics.jsonl", "completions.jsonl"):
                 (self.out / name).unlink(missing_ok=True)
-        self.metrics_log = JsonlWriter(self.out / "metrics.jsonl")
-        self.completions_log = JsonlWriter(self.out / "completions.jsonl") if t.log_completions else None
-        self.trackers = Trackers(cfg.logging.report_to, self.out, cfg.logging.run_name or self.out.name, cfg.to_dict())
+        self.dist.barrier()
+        self.metrics_log = JsonlWriter(self.out / "metrics.jsonl") if main else None
+        self.completions_log = JsonlWriter(self.out / "completions.jsonl") if t.log_completions and main else None
+        self.trackers = Trackers(cfg.logging.report_to if main else [], self.out, cfg.logging.run_name or self.out.name, cfg.to_dict())
 
     def _resolve_data(self, files: str | list[str]) -> list[str]:
         srcs = [files] if isinstance(files, str) else list(files)
@@ -254,7 +271,9 @@ class Trainer:
 
     def _load_latest(self) -> None:
         root = self.out / "checkpoints"
-        clean_partial(root)
+        if self.dist.is_main:
+            clean_partial(root)
+        self.dist.barrier()
         ckpt = latest_checkpoint(root)
         if ckpt is None:
             return  # nothing to resume: start from scratch
@@ -269,10 +288,17 @@ class Trainer:
         self.bad_steps_consecutive = int(state.get("bad_steps_consecutive", 0))
         self.first_seen_all_fail = dict(state.get("first_seen_all_fail", {}))
         self.last_solved = dict(state.get("last_solved", {}))
-        for name in ("metrics.jsonl", "completions.jsonl"):
-            truncate_jsonl(self.out / name, self.step)
+        if self.dist.is_main:
+            for name in ("metrics.jsonl", "completions.jsonl"):
+                truncate_jsonl(self.out / name, self.step)
 
-    def _save(self) -> Path:
+    def _save(self) -> None:
+        self.dist.barrier()
+        if self.dist.is_main:
+            self._save_main()
+        self.dist.barrier()
+
+    def _save_main(self) -> Path:
         state = {
             "step": self.step,
             "sampler": self.sampler.state_dict(),
@@ -281,8 +307,10 @@ class Trainer:
             "first_seen_all_fail": self.first_seen_all_fail,
             "last_solved": self.last_solved,
             "model_path": self.model_path,
+            "world_size": self.dist.world,
         }
-        self.metrics_log.sync()
+        if self.metrics_log is not None:
+            self.metrics_log.sync()
         if self.completions_log is not None:
             self.completions_log.sync()
         return save_checkpoint(
@@ -396,11 +424,11 @@ class Trainer:
         batch.dropped = torch.zeros(N * G, dtype=torch.bool)
         eligible = torch.tensor([e.solution is not None for e in batch.examples])
         gated = self._gated(spec, R, eligible)
-        m["repo/gate_rate"] = float(gated.float().mean())
-        m["repo/replaced"] = 0.0
-        m["repo/utilization"] = float("nan")
-        m["repo/rephrase_success_rate"] = float("nan")
-        m["repo/logp_gap"] = float("nan")
+        # Counters (summed across ranks, turned into rates by train_step).
+        for key in ("attempts", "verified", "replaced", "positive", "gap_sum", "gap_n"):
+            m[f"repo/{key}"] = 0.0
+        m["repo/groups"] = float(N)
+        m["repo/gated"] = float(gated.sum())
         if not spec.injection or not bool(gated.any()):
             batch.rewards, batch.origins = rewards, origins
             return
@@ -446,10 +474,11 @@ class Trainer:
             cand_prompts = [batch.examples[n].prompt for n in gidx for _ in range(A)]
             cand_r, rmetrics = self.scorer(cand_prompts, cand_texts, cand_examples)
             timings["reward"] = timings.get("reward", 0.0) + time.perf_counter() - t0
-            m["rewards/verifier_errors"] = m.get("rewards/verifier_errors", 0.0) + rmetrics["rewards/verifier_errors"]
-            m["rewards/verifier_timeouts"] = m.get("rewards/verifier_timeouts", 0.0) + rmetrics["rewards/verifier_timeouts"]
+            for key in ("rewards/verifier_errors", "rewards/verifier_timeouts"):
+                m[key] = m.get(key, 0.0) + rmetrics[key]
             verified = (cand_r >= cfg.repo.delta).view(len(gidx), A)
-            m["repo/rephrase_success_rate"] = float(verified.float().mean())
+            m["repo/attempts"] = float(verified.numel())
+            m["repo/verified"] = float(verified.sum())
         else:
             # The expert solution is the reference: it is taken as correct (reward 1) whether or
             # not the verifier can parse its foreign format.
@@ -487,12 +516,13 @@ class Trainer:
         m["repo/replaced"] = float(len(injected))
         # Hard-sample utilisation, part (a): gated groups that got a positive learning signal.
         positive = (accept & (cand_rewards >= cfg.repo.delta)).any(1)
-        m["repo/utilization"] = float(positive[gated].float().mean())
+        m["repo/positive"] = float(positive[gated].sum())
         if injected and spec.injection == "rephrase" and cfg.repo.log_prob_gap:
             under_q = self._logprobs_all(self.core, [seqs[f] for f, _ in injected])
             under_p = self._logprobs_all(self.core, [Sequence_(rp_prompt_ids[c], cand_seqs[c].completion_ids, False) for _, c in injected])
             gaps = [float(p.sum() - q.sum()) for p, q in zip(under_p, under_q)]
-            m["repo/logp_gap"] = sum(gaps) / len(gaps)
+            m["repo/gap_sum"] = sum(gaps)
+            m["repo/gap_n"] = float(len(gaps))
 
     def _update(self, batch: StepBatch, advantages: torch.Tensor, valid: torch.Tensor, timings: dict[str, float]) -> dict[str, float]:
         cfg = self.cfg
@@ -502,8 +532,12 @@ class Trainer:
         if a.mask_truncated_completions:
             # Only sampled completions are masked; expert/SFT text cut to the limit still trains.
             loss_mask_seq &= torch.tensor([not (s.truncated and s.kind == alg.KIND_POLICY) for s in seqs])
-        n_seq = int(loss_mask_seq.sum())
-        n_tok = sum(len(s.completion_ids) for s, v in zip(seqs, loss_mask_seq.tolist()) if v)
+        # Loss normalisers are totals over the global batch (all micro-batches, all ranks).
+        totals = self.dist.sum_dict({
+            "seq": float(loss_mask_seq.sum()),
+            "tok": float(sum(len(s.completion_ids) for s, v in zip(seqs, loss_mask_seq.tolist()) if v)),
+        })
+        n_seq, n_tok = int(totals["seq"]), int(totals["tok"])
         t0 = time.perf_counter()
         old_logps = self._logprobs_all(self.core, seqs) if a.num_iterations > 1 else None
         ref_logps = None
@@ -548,7 +582,7 @@ class Trainer:
                 loss = alg.aggregate(per_tok, mask, a.loss_type, num_sequences=n_seq, num_tokens=n_tok, max_completion_length=a.max_completion_length)
                 if n_seq > 0:
                     loss.backward()
-                loss_total += float(loss.detach())
+                loss_total += float(loss.detach())  # this rank's share of the global loss
                 if it == 0:
                     ntok = float(mask.sum())
                     stats["tokens"] += ntok
@@ -556,6 +590,8 @@ class Trainer:
                     stats["clip_high"] += float((high.float() * mask).sum())
                     if ent is not None:
                         stats["entropy"] += float((ent * mask).sum())
+            loss_total = self.dist.sum_dict({"loss": loss_total})["loss"]
+            self.dist.all_reduce_grads(self.model.parameters())
             params = [p for p in self.model.parameters() if p.grad is not None]
             if params:
                 gn = torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm if cfg.train.max_grad_norm > 0 else float("inf"))
@@ -572,9 +608,11 @@ class Trainer:
         if not skipped:
             self.scheduler.step()
         timings["update"] = time.perf_counter() - t0
+        loss_sum = stats.pop("loss")
+        stats = self.dist.sum_dict(stats)
         tok = max(stats["tokens"], 1.0)
         out = {
-            "loss": stats["loss"] if not skipped else float("nan"),
+            "loss": loss_sum if not skipped else float("nan"),
             "grad_norm": (sum(grad_norms) / len(grad_norms)) if grad_norms else float("nan"),
             "clip_ratio/low_mean": stats["clip_low"] / tok,
             "clip_ratio/high_mean": stats["clip_high"] / tok,
@@ -621,16 +659,17 @@ class Trainer:
         batch.dropped = torch.zeros(len(seqs), dtype=torch.bool)
 
     def train_step(self) -> dict[str, Any]:
-        """Run one full step and return its metrics (also written to metrics.jsonl)."""
-        cfg = self.cfg
+        """Run one full step and return its metrics (also written to metrics.jsonl on rank 0)."""
+        cfg, d = self.cfg, self.dist
         G = cfg.algorithm.num_generations
         spec = self._spec_for_step()
         torch.manual_seed(derive_seed(cfg.train.seed, STREAM_STEP, self.step))
         t_step = time.perf_counter()
         timings = {"generation": 0.0, "rephrase": 0.0, "reward": 0.0, "logprobs": 0.0, "update": 0.0}
-        idx = self.sampler.take(cfg.train.prompts_per_step)
+        idx = d.shard(self.sampler.take(cfg.train.prompts_per_step))  # same global order on every rank
         batch = StepBatch(examples=[self.train_examples[i] for i in idx], dataset_index=idx)
-        m: dict[str, Any] = {"step": self.step + 1, "epoch": self.sampler.epoch}
+        m: dict[str, Any] = {"step": self.step + 1, "epoch": self.sampler.epoch, "phase": spec.name}
+        gsize = G if spec.rollouts else 1
 
         if spec.rollouts:
             t0 = time.perf_counter()
@@ -638,69 +677,100 @@ class Trainer:
             timings["generation"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             rep_examples = [e for e in batch.examples for _ in range(G)]
-            rewards, rmetrics = self.scorer([e.prompt for e in rep_examples], batch.texts, rep_examples)
+            rewards, rcounts = self.scorer([e.prompt for e in rep_examples], batch.texts, rep_examples)
             timings["reward"] = time.perf_counter() - t0
-            batch.metrics.update(rmetrics)
-            on_policy_stats = alg.group_reward_stats(rewards.float(), G)
-            m.update(self._track_hard_prompts(batch, rewards))
+            batch.metrics.update(rcounts)
             self._compose(batch, rewards, timings, spec)
-            valid = torch.isfinite(batch.rewards) & ~batch.dropped
-            stats_mask = None
-            if spec.injected_kind == alg.KIND_SHAPED and cfg.baselines.luffy_on_policy_stats:
-                stats_mask = batch.origins == alg.ORIGIN_ON_POLICY
-            adv = alg.group_advantages(batch.rewards.float(), G, cfg.algorithm.scale_rewards, valid, stats_mask=stats_mask)
-            m.update(alg.group_reward_stats(batch.rewards.float(), G))
-            m["reward/on_policy"] = on_policy_stats["reward"]
-            domains = sorted({e.domain for e in batch.examples if e.domain})
-            for d in domains:
-                sel = torch.tensor([e.domain == d for e in rep_examples])
-                vals = rewards[sel]
-                vals = vals[torch.isfinite(vals)]
-                m[f"reward/domain/{d}"] = float(vals.mean()) if vals.numel() else float("nan")
         else:
             self._sft_batch(batch)
-            valid = torch.ones(len(batch.sequences), dtype=torch.bool)
-            adv = torch.zeros(len(batch.sequences))
+            rewards = batch.rewards
+            for key in ("groups", "gated", "attempts", "verified", "replaced", "positive", "gap_sum", "gap_n"):
+                batch.metrics[f"repo/{key}"] = 0.0
+
+        # Everything below that mixes groups uses the global batch, gathered in rank order.
+        shards = d.gather(
+            (rewards, batch.rewards, batch.origins, batch.dropped, [e.id for e in batch.examples],
+             [e.domain for e in batch.examples], [s.kind for s in batch.sequences])
+        )
+        on_policy_all = torch.cat([x[0] for x in shards])
+        rewards_all = torch.cat([x[1] for x in shards])
+        origins_all = torch.cat([x[2] for x in shards])
+        dropped_all = torch.cat([x[3] for x in shards])
+        ids_all = [i for x in shards for i in x[4]]
+        domains_all = [dm for x in shards for dm in x[5]]
+        sft_all = torch.tensor([k == alg.KIND_SFT for x in shards for k in x[6]], dtype=torch.bool)
+        # SFT rows have no reward; they are trained whatever it is.
+        valid_all = (torch.isfinite(rewards_all) & ~dropped_all) | sft_all
+        if spec.rollouts:
+            stats_mask = None
+            if spec.injected_kind == alg.KIND_SHAPED and cfg.baselines.luffy_on_policy_stats:
+                stats_mask = origins_all == alg.ORIGIN_ON_POLICY
+            adv_all = alg.group_advantages(rewards_all.float(), G, cfg.algorithm.scale_rewards, valid_all, stats_mask=stats_mask)
+            m.update(alg.group_reward_stats(rewards_all.float(), G))
+            m["reward/on_policy"] = alg.group_reward_stats(on_policy_all.float(), G)["reward"]
+            for dm in sorted({x for x in domains_all if x}):
+                sel = torch.tensor([x == dm for x in domains_all]).repeat_interleave(G)
+                vals = on_policy_all[sel]
+                vals = vals[torch.isfinite(vals)]
+                m[f"reward/domain/{dm}"] = float(vals.mean()) if vals.numel() else float("nan")
+            m.update(self._track_hard_prompts(ids_all, alg.all_failed(on_policy_all.view(-1, G), cfg.repo.delta).tolist()))
+        else:
+            adv_all = torch.zeros(len(rewards_all))
             m.update({"reward": float("nan"), "reward_std": float("nan"), "frac_reward_zero_std": float("nan"), "reward/on_policy": float("nan")})
-            batch.metrics.update({"repo/gate_rate": 0.0, "repo/replaced": 0.0, "repo/rephrase_success_rate": float("nan"), "repo/logp_gap": float("nan")})
-        # Sequences of SFT kind have no reward; they are trained whatever it is.
-        valid = valid | torch.tensor([s.kind == alg.KIND_SFT for s in batch.sequences], dtype=torch.bool)
-        if batch.sequences:
+        lo = sum(len(x[1]) for x in shards[: d.rank])
+        hi = lo + len(batch.sequences)
+        adv, valid = adv_all[lo:hi], valid_all[lo:hi]
+
+        if batch.sequences or d.world > 1:
             upd = self._update(batch, adv, valid, timings)
         else:
             upd = {"loss": float("nan"), "train/skipped_step": 1.0}
-            self.scheduler.step()
         self.step += 1
 
-        m["phase"] = spec.name
-        m.update(batch.metrics)
+        c = d.sum_dict({k: v for k, v in batch.metrics.items()})
+        c.update(d.sum_dict({
+            "len_sum": float(sum(len(s.completion_ids) for s in batch.sequences)),
+            "len_n": float(len(batch.sequences)),
+            "truncated": float(sum(s.truncated for s in batch.sequences)),
+        }))
+        ratio = lambda a, b: c[a] / c[b] if c.get(b) else float("nan")  # noqa: E731
+        for key in sorted(c):
+            if key.startswith("rewards/") and key.endswith("/count"):
+                base = key[: -len("/count")]
+                m[f"{base}/mean"] = ratio(f"{base}/sum", key)
+        for key in ("rewards/verifier_errors", "rewards/verifier_timeouts", "rewards/invalid"):
+            m[key] = c.get(key, 0.0)
+        m["repo/gate_rate"] = ratio("repo/gated", "repo/groups") if c["repo/groups"] else 0.0
+        m["repo/rephrase_success_rate"] = ratio("repo/verified", "repo/attempts")
+        m["repo/replaced"] = c["repo/replaced"]
+        m["repo/utilization"] = ratio("repo/positive", "repo/gated")
+        m["repo/logp_gap"] = ratio("repo/gap_sum", "repo/gap_n")
         m.update(upd)
-        lengths = [len(s.completion_ids) for s in batch.sequences] or [0]
-        m["completions/mean_length"] = sum(lengths) / len(lengths)
-        m["completions/max_length"] = float(max(lengths))
-        m["completions/clipped_ratio"] = sum(s.truncated for s in batch.sequences) / len(lengths)
-        inj = batch.origins != alg.ORIGIN_ON_POLICY
-        m["advantage/injected_mean"] = float(adv[inj].mean()) if bool(inj.any()) and spec.rollouts else float("nan")
+        m["completions/mean_length"] = ratio("len_sum", "len_n")
+        local_max = max((len(s.completion_ids) for s in batch.sequences), default=0)
+        m["completions/max_length"] = float(max(d.gather(local_max)))
+        m["completions/clipped_ratio"] = ratio("truncated", "len_n")
+        inj = origins_all != alg.ORIGIN_ON_POLICY
+        m["advantage/injected_mean"] = float(adv_all[inj].mean()) if bool(inj.any()) and spec.rollouts else float("nan")
         for k, v in timings.items():
             m[f"time/{k}"] = v
         m["time/step"] = time.perf_counter() - t_step
-        self._log_completions(batch, adv, G if spec.rollouts else 1)
+        self._log_completions(batch, adv, gsize)
         if self.bad_steps_consecutive >= cfg.train.max_bad_steps:
-            self.metrics_log.write(m)
+            if self.metrics_log is not None:
+                self.metrics_log.write(m)
             raise TrainingError(
                 f"stopped after {self.bad_steps_consecutive} consecutive steps with a non-finite loss or gradient "
                 f"(train.max_bad_steps={cfg.train.max_bad_steps}); try a lower train.learning_rate or train.bf16=false"
             )
         return m
 
-    def _track_hard_prompts(self, batch: StepBatch, rewards: torch.Tensor) -> dict[str, float]:
+    def _track_hard_prompts(self, ids: list[str], all_fail: list[bool]) -> dict[str, float]:
         """Hard-sample utilisation, part (b): prompts that were all-fail when first seen and
         whose latest on-policy group had at least one success (see docs/EVALUATION.md)."""
-        G = self.cfg.algorithm.num_generations
-        fails = alg.all_failed(rewards.view(-1, G), self.cfg.repo.delta)
-        for n, ex in enumerate(batch.examples):
-            self.first_seen_all_fail.setdefault(ex.id, bool(fails[n]))
-            self.last_solved[ex.id] = not bool(fails[n])
+        for pid, failed in zip(ids, all_fail):
+            self.first_seen_all_fail.setdefault(pid, bool(failed))
+            self.last_solved[pid] = not bool(failed)
         hard = [k for k, v in self.first_seen_all_fail.items() if v]
         solved = sum(self.last_solved.get(k, False) for k in hard)
         return {
@@ -710,11 +780,13 @@ class Trainer:
         }
 
     def _log_completions(self, batch: StepBatch, adv: torch.Tensor, group_size: int) -> None:
-        if self.completions_log is None:
+        if not self.cfg.train.log_completions:
             return
+        rank_groups = len(batch.examples)
+        records = []
         for i, (text, r, o) in enumerate(zip(batch.texts, batch.rewards.tolist(), batch.origins.tolist())):
             ex = batch.examples[i // group_size]
-            self.completions_log.write(
+            records.append(
                 {
                     "step": self.step,
                     "prompt_id": ex.id,
@@ -726,6 +798,15 @@ class Trainer:
                     "text": text,
                 }
             )
+        shards = self.dist.gather((records, rank_groups))
+        if self.completions_log is None:
+            return
+        offset = 0
+        for rank_records, n_groups in shards:
+            for rec in rank_records:
+                rec["group"] += offset
+                self.completions_log.write(rec)
+            offset += n_groups
 
     # ------------------------------------------------------------------ eval
     @torch.no_grad()
@@ -755,7 +836,7 @@ class Trainer:
         cfg = self.cfg
         t = cfg.train
         bar = None
-        if self.show_progress:
+        if self.show_progress and self.dist.is_main:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=t.max_steps, initial=self.step, desc=f"{cfg.algorithm.method}", unit="step", dynamic_ncols=True)
@@ -765,7 +846,8 @@ class Trainer:
                 m = self.train_step()
                 if cfg.eval.every and self.step % cfg.eval.every == 0:
                     m.update(self.evaluate())
-                self.metrics_log.write(m)
+                if self.metrics_log is not None:
+                    self.metrics_log.write(m)
                 self.trackers.log(m, self.step)
                 last = m
                 if bar is not None:
@@ -781,7 +863,8 @@ class Trainer:
         finally:
             if bar is not None:
                 bar.close()
-            self.metrics_log.close()
+            if self.metrics_log is not None:
+                self.metrics_log.close()
             if self.completions_log is not None:
                 self.completions_log.close()
             self.trackers.close()
