@@ -93,10 +93,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _toy_eval(trainer, cfg) -> dict[str, float]:
     from . import toyworld
 
-    tw = toyworld.ToyWorldConfig(
-        **{k: v for k, v in vars(cfg.toyworld).items() if k in toyworld.ToyWorldConfig.__dataclass_fields__}
-    )
-    return toyworld.evaluate_splits(trainer.model, trainer.tokenizer, tw)
+    return toyworld.evaluate_splits(trainer.core, trainer.tokenizer, cfg.toyworld.world_config())
 
 
 def _print_before_after(before: dict[str, float], after: dict[str, float]) -> None:

@@ -254,6 +254,23 @@ class ToyWorldSettings:
     """Toy-world variant: ``basic`` (expert text holds the key) or ``hard_rephrase``."""
     seed: int = 0
     """Seed of the generated world (tasks and keys)."""
+    train_easy_frac: float = 0.5
+    """Share of easy prompts in the training file (the rest are hard); mixing easy prompts prevents forgetting."""
+    n_train: int = 2000
+    """Rows in the toy training file."""
+    n_eval: int = 200
+    """Rows in each toy eval file (easy, hard, general)."""
+    implicit_frac: float = 0.4
+    """hard_rephrase only: share of expert traces that omit the key, so rephrasing can fail."""
+
+    def world_config(self) -> Any:
+        """The :class:`repo_rl.toyworld.ToyWorldConfig` these settings describe."""
+        from .toyworld import ToyWorldConfig
+
+        try:
+            return ToyWorldConfig(**dataclasses.asdict(self))
+        except ValueError as e:
+            raise ConfigError(f"toyworld: {e}") from None
 
 
 @dataclass

@@ -17,11 +17,9 @@ def resolve_model_path(name_or_path: str, toyworld_settings: Any = None) -> str:
     """Map built-in names to directories: ``toyworld`` and ``smollm2-135m-instruct``."""
     if name_or_path == "toyworld":
         from . import toyworld
+        from .config import ToyWorldSettings
 
-        cfg = toyworld.ToyWorldConfig(
-            **{k: v for k, v in vars(toyworld_settings or object()).items() if k in toyworld.ToyWorldConfig.__dataclass_fields__}
-        )
-        return str(toyworld.ensure_model(cfg))
+        return str(toyworld.ensure_model((toyworld_settings or ToyWorldSettings()).world_config()))
     if name_or_path.lower() in ("smollm2-135m-instruct", "smollm2"):
         from .smollm import ensure_smollm2
 

@@ -246,10 +246,9 @@ class Trainer:
                 from . import toyworld
 
                 split = s.split(":", 1)[1]
-                tw = toyworld.ToyWorldConfig(
-                    **{k: v for k, v in vars(self.cfg.toyworld).items() if k in toyworld.ToyWorldConfig.__dataclass_fields__}
-                )
-                paths = toyworld.write_datasets(tw, self.out / "data")
+                tw = self.cfg.toyworld.world_config()
+                paths = toyworld.write_datasets(tw, self.out / "data") if self.dist.is_main else None
+                paths = self.dist.gather(paths)[0]  # rank 0 writes, every rank reads
                 if split not in paths:
                     raise UserError(f"data: unknown toy-world split {split!r}; expected one of {', '.join(sorted(paths))}")
                 out.append(str(paths[split]))
