@@ -124,6 +124,12 @@ def _cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from .compare import main_compare
+
+    return main_compare(args)
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from .report import write_report
 
@@ -165,6 +171,19 @@ def build_parser() -> argparse.ArgumentParser:
     from .evaluate import add_eval_parser
 
     add_eval_parser(sub)
+
+    cp = sub.add_parser(
+        "compare",
+        help="train several methods on the toy world with the same budget and seeds, then tabulate and plot",
+    )
+    cp.add_argument("--methods", default="repo,grpo,luffy,sft,sft_then_grpo,hpt_switch,raw_expert")
+    cp.add_argument("--seeds", type=int, default=3)
+    cp.add_argument("--config", "-c", help="base config (default: the embedded toy world)")
+    cp.add_argument("--output-dir", "-o", default="runs/compare")
+    cp.add_argument("--eval-n", type=int, default=None, help="items per split in the before/after evaluation")
+    cp.add_argument("--no-progress", action="store_true")
+    cp.add_argument("overrides", nargs="*", metavar="key.sub=value", help="overrides applied to every run")
+    cp.set_defaults(func=_cmd_compare)
 
     r = sub.add_parser("report", help="write report.md with plots for a run directory")
     r.add_argument("run_dir")
