@@ -93,7 +93,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _toy_eval(trainer, cfg) -> dict[str, float]:
     from . import toyworld
 
-    return toyworld.evaluate_splits(trainer.core, trainer.tokenizer, cfg.toyworld.world_config())
+    n = cfg.eval.max_items or 200  # items per split of the before/after table
+    return toyworld.evaluate_splits(trainer.core, trainer.tokenizer, cfg.toyworld.world_config(), n=n)
 
 
 def _print_before_after(before: dict[str, float], after: dict[str, float]) -> None:
@@ -177,7 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="train several methods on the toy world with the same budget and seeds, then tabulate and plot",
     )
     cp.add_argument("--methods", default="repo,grpo,luffy,sft,sft_then_grpo,hpt_switch,raw_expert")
-    cp.add_argument("--seeds", type=int, default=3)
+    cp.add_argument("--seeds", type=int, default=3, help="number of seeds per method")
+    cp.add_argument("--first-seed", type=int, default=0, help="seeds are first-seed .. first-seed+seeds-1 (split a comparison over processes)")
     cp.add_argument("--config", "-c", help="base config (default: the embedded toy world)")
     cp.add_argument("--output-dir", "-o", default="runs/compare")
     cp.add_argument("--eval-n", type=int, default=None, help="items per split in the before/after evaluation")

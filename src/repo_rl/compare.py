@@ -148,6 +148,7 @@ def compare(
     overrides: Sequence[str] = (),
     eval_n: Optional[int] = None,
     progress: bool = True,
+    first_seed: int = 0,
 ) -> dict[str, Any]:
     from .algorithms import METHODS
     from .cli import default_config_path
@@ -160,7 +161,8 @@ def compare(
     config_path = Path(config_path or default_config_path())
     load_config(config_path, list(overrides))  # fail fast on a bad config before any training
     out.mkdir(parents=True, exist_ok=True)
-    jobs = [(m, s) for s in range(seeds) for m in methods]
+    seed_list = list(range(first_seed, first_seed + seeds))
+    jobs = [(m, s) for s in seed_list for m in methods]
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -175,7 +177,7 @@ def compare(
             bar.update(1)
     if bar is not None:
         bar.close()
-    metrics = {m: [read_jsonl(out / "runs" / f"{m}-seed{s}" / "metrics.jsonl") for s in range(seeds)] for m in methods}
+    metrics = {m: [read_jsonl(out / "runs" / f"{m}-seed{s}" / "metrics.jsonl") for s in seed_list] for m in methods}
     plot_curves(metrics, out / "curves.png")
     summary = summarize(results, methods)
     summary["curves"] = {
@@ -188,7 +190,8 @@ def compare(
 def main_compare(args: Any) -> int:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     out = Path(args.output_dir)
-    summary = compare(methods, args.seeds, out, args.config, args.overrides, args.eval_n, progress=not args.no_progress)
+    summary = compare(methods, args.seeds, out, args.config, args.overrides, args.eval_n, progress=not args.no_progress,
+                      first_seed=args.first_seed)
     import platform
     import time
 

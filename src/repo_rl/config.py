@@ -208,6 +208,8 @@ class TrainConfig:
     """Linear warm-up steps."""
     bf16: bool = False
     """bf16 autocast for forward passes (faster on CPUs with avx512_bf16). Off for exact runs."""
+    bf16_generation: Optional[bool] = None
+    """bf16 autocast while sampling (None: same as ``train.bf16``); tiny models sample faster in fp32."""
     threads: Optional[int] = None
     """torch intra-op threads (None: torch default)."""
     gradient_checkpointing: bool = False

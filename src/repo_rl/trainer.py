@@ -195,7 +195,10 @@ class Trainer:
         self.renderer = PromptRenderer(self.tokenizer, cfg.model.chat_template, cfg.model.system_prompt)
         self.eos_ids = eos_token_ids(self.model, self.tokenizer)
         self.autocast_dtype = torch.bfloat16 if cfg.train.bf16 else None
-        self.generator = HFGenerator(self.core, self.eos_ids, self.tokenizer.pad_token_id, autocast_dtype=self.autocast_dtype)
+        gen_bf16 = cfg.train.bf16 if cfg.train.bf16_generation is None else cfg.train.bf16_generation
+        self.generator = HFGenerator(
+            self.core, self.eos_ids, self.tokenizer.pad_token_id, autocast_dtype=torch.bfloat16 if gen_bf16 else None
+        )
         self.ref_model = None
         if cfg.algorithm.beta > 0 and not self.lora:
             self.ref_model = copy.deepcopy(self.model).eval()
