@@ -11,6 +11,12 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# Test models are tiny: one intra-op thread is as fast as two and does not thrash when the
+# machine is shared (two threads were seen 10x slower than one on a loaded 2-core box).
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
 CHARS = list("abcdefghijklmnopqrstuvwxyz0123456789 +-=?.,:;|()[]{}\\\n")
 
 

@@ -7,22 +7,23 @@ import json
 from repo_rl.cli import main
 
 SMALL = ["train.max_steps=2", "train.prompts_per_step=4", "algorithm.num_generations=4", "eval.every=1",
-         "eval.max_items=8", "train.save_every=0", "toyworld.n_train=64", "toyworld.n_eval=16"]
+         "eval.max_items=8", "train.save_every=0", "toyworld.n_train=64", "toyworld.n_eval=16", "train.threads=1",
+         "algorithm.max_completion_length=40"]
 
 
 def test_compare_smoke(tmp_path, capsys):
     out = tmp_path / "cmp"
-    rc = main(["compare", "--methods", "repo,grpo,sft", "--seeds", "1", "-o", str(out), "--eval-n", "8", "--no-progress", *SMALL])
+    rc = main(["compare", "--methods", "repo,sft", "--seeds", "1", "-o", str(out), "--eval-n", "4", "--no-progress", *SMALL])
     assert rc == 0
     res = json.loads((out / "results.json").read_text())
     methods = {r["method"] for r in res["results"]}
-    assert methods == {"repo", "grpo", "sft"}
+    assert methods == {"repo", "sft"}
     for r in res["results"]:
         assert r["steps"] == 2
         assert set(r["after"]) >= {"easy", "hard", "general"}
         assert all(0.0 <= v <= 1.0 for v in r["after"].values())
     report = (out / "report.md").read_text()
-    assert "| repo |" in report and "| grpo |" in report and "Command:" in report
+    assert "| repo |" in report and "| sft |" in report and "Command:" in report
     assert (out / "curves.png").stat().st_size > 1000
     # Same budget: every run made the same number of policy updates.
     for m in methods:

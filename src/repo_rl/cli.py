@@ -218,6 +218,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+    except OSError as e:  # disk full, I/O error, permissions while writing the run
+        where = f" on {e.filename}" if e.filename else ""
+        print(
+            f"repo-rl: error: I/O error{where}: {e.strerror or e}; completed checkpoints are intact, "
+            "fix the cause (e.g. free disk space) and continue with --resume",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":

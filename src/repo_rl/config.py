@@ -416,11 +416,14 @@ def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
-def _merge(base: dict, update: dict) -> dict:
+def _merge(base: dict, update: dict, prefix: str = "") -> dict:
     out = dict(base)
     for k, v in update.items():
         if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v)
+            out[k] = _merge(out[k], v, f"{prefix}{k}.")
+        elif isinstance(v, dict) and out.get(k) is not None:
+            # e.g. "train: 3" in the file and train.max_steps=5 on the command line
+            raise ConfigError(f"{prefix}{k}: expected a mapping, got {out[k]!r}")
         else:
             out[k] = v
     return out
@@ -436,7 +439,10 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         raise ConfigError(f"override {item!r}: expected key.sub=value")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+    except Exception:  # noqa: BLE001
+        # Besides YAMLError, PyYAML's tag constructors raise ValueError, TypeError, KeyError,
+        # IndexError, AttributeError (!!float abc, !!bool abc, !!int, !!timestamp abc) and deep
+        # nesting raises RecursionError: keep the text, _coerce then names the key.
         value = raw
     # YAML reads "1e-6" as a string; accept numeric literals Python understands.
     if isinstance(value, str):
@@ -449,6 +455,26 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (YAML says keys are unique;
+    PyYAML would silently keep the last value)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                dup = key in seen
+                seen.add(key)
+            except TypeError:  # unhashable key: let SafeLoader report it
+                continue
+            if dup:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
@@ -458,12 +484,16 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     except UnicodeDecodeError as e:
         raise ConfigError(f"config file {p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise ConfigError(f"config file {p}:{where}: invalid YAML ({problem})") from None
+    except RecursionError:
+        raise ConfigError(f"config file {p}: invalid YAML (nested too deeply)") from None
+    except Exception as e:  # noqa: BLE001 - tag constructors: !!float abc, !!bool abc, !!int, !!timestamp 2026-13-45
+        raise ConfigError(f"config file {p}: invalid YAML ({type(e).__name__}: {str(e)[:120]})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -567,11 +597,14 @@ def validate(cfg: Config) -> None:
             f"{len(cfg.reward.funcs)} weights (one per reward.funcs entry)",
             cfg.reward.weights,
         )
-    check(cfg.reward.timeout > 0, "reward.timeout", "a number of seconds > 0", cfg.reward.timeout)
+    check(0 < cfg.reward.timeout < float("inf"), "reward.timeout", "a finite number of seconds > 0", cfg.reward.timeout)
 
     check(t.max_steps >= 1, "train.max_steps", "an integer >= 1", t.max_steps)
     check(t.prompts_per_step >= 1, "train.prompts_per_step", "an integer >= 1", t.prompts_per_step)
-    check(t.learning_rate > 0, "train.learning_rate", "a number > 0", t.learning_rate)
+    check(0 < t.learning_rate < float("inf"), "train.learning_rate", "a finite number > 0", t.learning_rate)
+    check(0 <= t.weight_decay < float("inf"), "train.weight_decay", "a finite number >= 0", t.weight_decay)
+    check(0 <= t.adam_beta1 < 1, "train.adam_beta1", "a number in [0, 1)", t.adam_beta1)
+    check(0 <= t.adam_beta2 < 1, "train.adam_beta2", "a number in [0, 1)", t.adam_beta2)
     check(t.micro_batch_size >= 1, "train.micro_batch_size", "an integer >= 1", t.micro_batch_size)
     check(t.max_grad_norm >= 0, "train.max_grad_norm", "a number >= 0", t.max_grad_norm)
     check(t.warmup_steps >= 0, "train.warmup_steps", "an integer >= 0", t.warmup_steps)
@@ -581,7 +614,9 @@ def validate(cfg: Config) -> None:
     if t.logprob_chunk_size is not None:
         check(t.logprob_chunk_size >= 1, "train.logprob_chunk_size", "a positive integer or null", t.logprob_chunk_size)
     check(t.max_bad_steps >= 1, "train.max_bad_steps", "an integer >= 1", t.max_bad_steps)
-    check(t.seed >= 0, "train.seed", "an integer >= 0", t.seed)
+    check(0 <= t.seed < 2**63, "train.seed", "an integer in [0, 2**63)", t.seed)
+    if cfg.data.max_prompt_length is not None:
+        check(cfg.data.max_prompt_length >= 1, "data.max_prompt_length", "a positive integer or null", cfg.data.max_prompt_length)
     if t.threads is not None:
         check(t.threads >= 1, "train.threads", "an integer >= 1", t.threads)
     check(t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:"), "train.device", "auto, cpu, cuda or cuda:N", t.device)

@@ -8,6 +8,7 @@ dotted paths into nested columns (``reward_model.ground_truth`` for the verl/LUF
 from __future__ import annotations
 
 import json
+import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,6 +84,8 @@ def _as_text(value: Any) -> Optional[str]:
         return None
     if isinstance(value, bool):
         return None
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # NaN / Infinity literals or 1e999: not an answer
     if isinstance(value, (int, float)):
         return str(value)
     if isinstance(value, str):
@@ -116,10 +119,41 @@ def _check_messages(value: Any, where: str, field: str) -> list[dict[str, str]]:
     return out
 
 
+def _unencodable(value: Any, path: str = "") -> Optional[str]:
+    """The dotted path of the first string (key or value) that cannot be written as UTF-8, or None.
+
+    JSON may spell lone surrogates (``"\\ud800"``); Python decodes them, but tokenizers and
+    every UTF-8 log file then fail on them.
+    """
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path or "<row>"
+        return None
+    if isinstance(value, dict):
+        for k, v in value.items():
+            sub = f"{path}.{k}" if path else str(k)
+            if isinstance(k, str) and _unencodable(k) is not None:
+                return path or "<key>"
+            found = _unencodable(v, sub)
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            found = _unencodable(v, f"{path}[{i}]")
+            if found is not None:
+                return found
+    return None
+
+
 def row_to_example(row: Any, fields: Any, where: str) -> Example:
     """Validate one row and convert it to an Example. Raises DataError naming ``where`` and the field."""
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    bad = _unencodable(row)
+    if bad is not None:
+        raise DataError(f"{where}: field {bad!r} is not valid Unicode text (an unpaired surrogate escape such as \\ud800)")
 
     def lookup(name: str) -> tuple[bool, Any, str]:
         path = getattr(fields, name)

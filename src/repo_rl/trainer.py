@@ -111,7 +111,13 @@ class RewardScorer:
             out = fn(prompts=prompts, completions=completions, **cols)
             if len(out) != len(completions):
                 raise TrainingError(f"reward {name} returned {len(out)} values for {len(completions)} completions")
-            vals = torch.tensor([float("nan") if v is None else float(v) for v in out], dtype=torch.float64)
+            try:
+                vals = torch.tensor([float("nan") if v is None else float(v) for v in out], dtype=torch.float64)
+            except (TypeError, ValueError):
+                bad = next(v for v in out if v is not None and not isinstance(v, (int, float)))
+                raise TrainingError(f"reward {name} returned {bad!r:.60}; expected a number or None per completion") from None
+            # inf / -inf are verifier failures like None and NaN: out of the loss, and counted.
+            vals = torch.where(torch.isfinite(vals), vals, torch.full_like(vals, float("nan")))
             nones += int(torch.isnan(vals).sum())
             finite = vals[torch.isfinite(vals)]
             metrics[f"rewards/{name}/sum"] = float(finite.sum())
@@ -160,6 +166,8 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         dev = cfg.train.device
         self.device = torch.device("cuda" if dev == "auto" and torch.cuda.is_available() else ("cpu" if dev == "auto" else dev))
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise UserError(f"train.device={dev}: CUDA is not available here (torch {torch.__version__}); use train.device=cpu or auto")
         if self.dist.device is not None and self.device.type == "cuda":
             self.device = self.dist.device  # one GPU per process
 
@@ -206,10 +214,7 @@ class Trainer:
                 p.requires_grad_(False)
 
         self._prompt_cache: dict[int, list[int]] = {}
-        if cfg.data.max_prompt_length:
-            for i, ex in enumerate(self.train_examples):
-                if len(self._prompt_ids(i)) > cfg.data.max_prompt_length:
-                    raise UserError(f"{ex.id}: prompt has {len(self._prompt_ids(i))} tokens, more than data.max_prompt_length={cfg.data.max_prompt_length}")
+        self._check_prompt_lengths()
 
         t = cfg.train
         self.optimizer = torch.optim.AdamW(
@@ -240,6 +245,37 @@ class Trainer:
         self.metrics_log = JsonlWriter(self.out / "metrics.jsonl") if main else None
         self.completions_log = JsonlWriter(self.out / "completions.jsonl") if t.log_completions and main else None
         self.trackers = Trackers(cfg.logging.report_to if main else [], self.out, cfg.logging.run_name or self.out.name, cfg.to_dict())
+
+    def _check_prompt_lengths(self) -> None:
+        """Every training prompt must tokenize to at least one token and fit: at most
+        ``data.max_prompt_length`` tokens, and room left in the model's context
+        (``max_position_embeddings``) for ``algorithm.max_completion_length`` new tokens.
+        A huge text is refused from a prefix, without tokenizing all of it."""
+        cfg = self.cfg
+        limit = cfg.data.max_prompt_length
+        ctx = getattr(getattr(self.core, "config", None), "max_position_embeddings", None)
+        room = ctx - cfg.algorithm.max_completion_length if isinstance(ctx, int) and ctx > 0 else None
+        bound = min(x for x in (limit, room) if x is not None) if (limit or room) else None
+        for i, ex in enumerate(self.train_examples):
+            if bound is not None:
+                text = self.renderer.text(ex.prompt)
+                cut = 64 * (bound + 1)  # no tokenizer packs 64 characters into one token
+                if len(text) > cut and len(self.tokenizer(text[:cut], add_special_tokens=False)["input_ids"]) > bound:
+                    n = f"more than {bound}"
+                    raise UserError(self._too_long(ex, n, limit, room, ctx))
+            n_ids = len(self._prompt_ids(i))
+            if n_ids == 0:
+                raise UserError(f"{ex.id}: prompt has no tokens after tokenization (characters the tokenizer drops?)")
+            if bound is not None and n_ids > bound:
+                raise UserError(self._too_long(ex, str(n_ids), limit, room, ctx))
+
+    def _too_long(self, ex: Example, n: str, limit: Optional[int], room: Optional[int], ctx: Any) -> str:
+        if limit is not None and (room is None or limit <= room):
+            return f"{ex.id}: prompt has {n} tokens, more than data.max_prompt_length={limit}"
+        return (
+            f"{ex.id}: prompt has {n} tokens; with algorithm.max_completion_length={self.cfg.algorithm.max_completion_length} "
+            f"it does not fit the model's context of {ctx} tokens (max_position_embeddings)"
+        )
 
     def _resolve_data(self, files: str | list[str]) -> list[str]:
         srcs = [files] if isinstance(files, str) else list(files)
@@ -278,14 +314,28 @@ class Trainer:
         self.dist.barrier()
         ckpt = latest_checkpoint(root)
         if ckpt is None:
-            return  # nothing to resume: start from scratch
-        load_model_weights(self.model, ckpt, adapter=self.lora)
-        state = load_training_state(ckpt, self.optimizer, self.scheduler)
+            # Nothing to resume (killed before the first checkpoint): start from scratch, and
+            # drop the rows the killed run logged, or they would appear twice.
+            if self.dist.is_main:
+                for name in ("metrics.jsonl", "completions.jsonl"):
+                    truncate_jsonl(self.out / name, 0)
+            return
         try:
-            self.sampler.load_state_dict(state["sampler"])
+            load_model_weights(self.model, ckpt, adapter=self.lora)
+            state = load_training_state(ckpt, self.optimizer, self.scheduler)
+            sampler_state = state["sampler"]
+            step = int(state["step"])
+        except Exception as e:  # noqa: BLE001 - torch, safetensors, json and pickle raise many types
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            raise UserError(
+                f"{ckpt}: cannot resume from this checkpoint ({type(e).__name__}: {first}); it is damaged or "
+                "from another model. Move it aside to resume from the one before it"
+            ) from None
+        try:
+            self.sampler.load_state_dict(sampler_state)
         except DataError as e:
             raise UserError(str(e)) from None
-        self.step = int(state["step"])
+        self.step = step
         self.bad_steps_total = int(state.get("bad_steps_total", 0))
         self.bad_steps_consecutive = int(state.get("bad_steps_consecutive", 0))
         self.first_seen_all_fail = dict(state.get("first_seen_all_fail", {}))
@@ -447,7 +497,8 @@ class Trainer:
                 ids = self.renderer.ids(self.renderer.rephrase_prompt(ex, cfg.repo.rephrase_template))
                 for a in range(A):
                     rows.append(ids)
-                    seeds.append(derive_seed(cfg.train.seed, STREAM_REPHRASE, self.step, batch.dataset_index[n], n, a))
+                    occurrence = batch.dataset_index[:n].count(batch.dataset_index[n])
+                    seeds.append(derive_seed(cfg.train.seed, STREAM_REPHRASE, self.step, batch.dataset_index[n], occurrence, a))
             params = SamplingParams(
                 cfg.repo.max_new_tokens or cfg.algorithm.max_completion_length,
                 cfg.algorithm.temperature if cfg.repo.temperature is None else cfg.repo.temperature,
