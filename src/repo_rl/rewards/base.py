@@ -111,3 +111,23 @@ class RewardFunction(ABC):
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.__name__}>"
+
+
+class InProcessReward(RewardFunction):
+    """A reward scored item by item in this process (cheap, linear-time checks).
+
+    Subclasses implement :meth:`_score_one`; an exception there is an error (None), never 0.
+    """
+
+    def _score(self, texts: list[str], golds: list[str | None]) -> list[Outcome]:
+        outcomes: list[Outcome] = []
+        for text, raw_gold in zip(texts, golds):
+            try:
+                outcomes.append(self._score_one(text, raw_gold))
+            except Exception as exc:  # noqa: BLE001 - a scoring bug must surface as None, not 0
+                outcomes.append(Outcome("error", None, f"{type(exc).__name__}: {exc}"))
+        return outcomes
+
+    @abstractmethod
+    def _score_one(self, text: str, raw_gold: str | None) -> Outcome:
+        """Score one completion text against one reference answer."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import string
 
-from .base import RewardFunction
+from .base import InProcessReward
 from .extract import extract_boxed, strip_math_delimiters
 from .pool import Outcome
 
@@ -96,7 +96,7 @@ def extract_choice(text: str, letters: str = _DEFAULT_LETTERS) -> str | None:
     return found.upper() if found else None
 
 
-class ChoiceReward(RewardFunction):
+class ChoiceReward(InProcessReward):
     """1.0 when the completion's chosen letter equals the reference letter, else 0.0.
 
     Runs in-process. A reference answer that is not an option letter counts as an error (None).
@@ -108,15 +108,6 @@ class ChoiceReward(RewardFunction):
         if not letters or any(c not in string.ascii_uppercase for c in letters) or len(set(letters)) != len(letters):
             raise ValueError(f"letters must be distinct ASCII letters, got {letters!r}")
         self.letters = letters
-
-    def _score(self, texts: list[str], golds: list[str | None]) -> list[Outcome]:
-        outcomes: list[Outcome] = []
-        for text, raw_gold in zip(texts, golds):
-            try:
-                outcomes.append(self._score_one(text, raw_gold))
-            except Exception as exc:  # noqa: BLE001 - a scoring bug must surface as None, not 0
-                outcomes.append(Outcome("error", None, f"{type(exc).__name__}: {exc}"))
-        return outcomes
 
     def _score_one(self, text: str, raw_gold: str | None) -> Outcome:
         gold = None if raw_gold is None else parse_choice(raw_gold, self.letters)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import re
 
-from .base import RewardFunction
+from .base import InProcessReward
 from .extract import extract_boxed, strip_math_delimiters
 from .pool import Outcome
 
@@ -71,7 +71,7 @@ def extract_number(text: str) -> float | None:
     return last
 
 
-class NumericReward(RewardFunction):
+class NumericReward(InProcessReward):
     """1.0 when the completion's final number equals the reference number within tolerance.
 
     Runs in-process (extraction is linear-time regex work). ``rel_tol``/``abs_tol`` follow
@@ -85,15 +85,6 @@ class NumericReward(RewardFunction):
             raise ValueError("rel_tol and abs_tol must be >= 0")
         self.rel_tol = float(rel_tol)
         self.abs_tol = float(abs_tol)
-
-    def _score(self, texts: list[str], golds: list[str | None]) -> list[Outcome]:
-        outcomes: list[Outcome] = []
-        for text, raw_gold in zip(texts, golds):
-            try:
-                outcomes.append(self._score_one(text, raw_gold))
-            except Exception as exc:  # noqa: BLE001 - a scoring bug must surface as None, not 0
-                outcomes.append(Outcome("error", None, f"{type(exc).__name__}: {exc}"))
-        return outcomes
 
     def _score_one(self, text: str, raw_gold: str | None) -> Outcome:
         gold = None if raw_gold is None else extract_number(raw_gold)
