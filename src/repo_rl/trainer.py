@@ -512,8 +512,14 @@ class Trainer:
                 raw = self._decode(ids)
                 text = strip_meta(raw, cfg.repo.strip_patterns)
                 comp = ids if text == raw else self._encode_completion(text)
+                truncated = self._is_truncated(ids, params.max_new_tokens) and text == raw
+                limit = cfg.algorithm.max_completion_length
+                if len(comp) > limit:
+                    # Injected text must fit a rollout; verify exactly what would be trained.
+                    comp, truncated = comp[:limit], True
+                    text = self._decode(comp)
                 cand_texts.append(text)
-                cand_seqs.append(Sequence_([], comp, self._is_truncated(ids, params.max_new_tokens) and text == raw))
+                cand_seqs.append(Sequence_([], comp, truncated))
                 rp_prompt_ids.append(r)
         else:  # the expert solution itself, trained under q
             for n in gidx:
