@@ -95,3 +95,9 @@ class Dist:
     def barrier(self) -> None:
         if self.world > 1:
             torch.distributed.barrier()
+
+    def close(self) -> None:
+        """Tear the process group down; exiting with it alive can abort in gloo's threads."""
+        if self.world > 1 and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()

@@ -929,4 +929,5 @@ class Trainer:
             if self.completions_log is not None:
                 self.completions_log.close()
             self.trackers.close()
+        self.dist.close()
         return {"steps": self.step, "last": last}

@@ -29,6 +29,7 @@ def main() -> None:
     if trainer.dist.is_main:
         torch.save(grads, out / "grads.pt")
         (out / "metrics.json").write_text(json.dumps({k: v for k, v in metrics.items() if not k.startswith("time/")}))
+    trainer.dist.close()
 
 
 if __name__ == "__main__":
