@@ -16,6 +16,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+_THREADS = torch.get_num_threads()
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """Runs with train.threads=N change torch's global thread count; give later tests theirs back."""
+    yield
+    torch.set_num_threads(_THREADS)
 
 CHARS = list("abcdefghijklmnopqrstuvwxyz0123456789 +-=?.,:;|()[]{}\\\n")
 

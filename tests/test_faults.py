@@ -218,24 +218,6 @@ def _scenarios() -> list[dict[str, Any]]:
 SCENARIOS = _scenarios()
 
 
-def _torch_threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
-
-
-_THREADS_AT_IMPORT = _torch_threads()
-
-
-@pytest.fixture(autouse=True)
-def _restore_torch_threads():
-    """In-process runs here use train.threads=1; give later tests the thread count they had."""
-    yield
-    import torch
-
-    torch.set_num_threads(_THREADS_AT_IMPORT)
-
-
 # --------------------------------------------------------------------------------------
 # Helpers (shared with benchmarks/reliability_report.py)
 # --------------------------------------------------------------------------------------

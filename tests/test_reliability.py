@@ -58,24 +58,6 @@ SUBPROCESS_CASES = [
 ERROR_PREFIX = "repo-rl: error:"
 
 
-def _torch_threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
-
-
-_THREADS_AT_IMPORT = _torch_threads()
-
-
-@pytest.fixture(autouse=True)
-def _restore_torch_threads():
-    """In-process runs here use train.threads=1; give later tests the thread count they had."""
-    yield
-    import torch
-
-    torch.set_num_threads(_THREADS_AT_IMPORT)
-
-
 # --------------------------------------------------------------------------------------
 # Running one corpus case
 # --------------------------------------------------------------------------------------
