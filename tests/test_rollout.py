@@ -106,3 +106,48 @@ def test_derive_seed_is_stable_and_distinct():
     seen = {derive_seed(0, s, p, j) for s in range(5) for p in range(5) for j in range(5)}
     assert len(seen) == 125
     assert derive_seed(1, 2) != derive_seed(2, 1)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.7, 1.0])
+def test_sampler_logprobs_equal_teacher_forced_logprobs(varied_model, temperature):
+    """``generate_with_logprobs`` returns the same ids as ``generate`` and, per token,
+    log pi(token | prompt, prefix) under the untempered model, as a full forward computes it."""
+    model, tok = varied_model
+    ids = [tok(p)["input_ids"] for p in PROMPTS]
+    gen = HFGenerator(model, [tok.eos_token_id], tok.pad_token_id)
+    params = SamplingParams(10, temperature=temperature)
+    seeds = [5, 6, 7, 8]
+    plain = gen.generate(ids, params, seeds)
+    comps, lps = gen.generate_with_logprobs(ids, params, seeds)
+    assert comps == plain
+    for p, c, lp in zip(ids, comps, lps):
+        assert len(lp) == len(c) > 0
+        with torch.no_grad():
+            logits = model(torch.tensor([p + c])).logits[0, len(p) - 1 : len(p) + len(c) - 1]
+        ref = torch.log_softmax(logits.float(), -1).gather(-1, torch.tensor(c).unsqueeze(-1)).squeeze(-1)
+        assert torch.allclose(torch.tensor(lp), ref, atol=1e-4), (lp, ref.tolist())
+
+
+def test_preallocated_uniforms_keep_the_per_token_stream(varied_model):
+    """Drawing a row's uniforms at once must equal one scalar draw per token from its generator:
+    the sampled ids depend only on (seed, prompt), whatever the implementation draws them with."""
+    model, tok = varied_model
+    p = tok(PROMPTS[0])["input_ids"]
+    gen = HFGenerator(model, [tok.eos_token_id], tok.pad_token_id)
+    params = SamplingParams(12, temperature=1.0)
+    out = gen.generate([p], params, [21])[0]
+    # Re-sample by hand with the documented rule: inverse CDF, one torch.rand(()) per token.
+    g = torch.Generator().manual_seed(21)
+    ctx, ref = list(p), []
+    eos = tok.eos_token_id
+    for _ in range(12):
+        with torch.no_grad():
+            logits = model(torch.tensor([ctx])).logits[0, -1].float()
+        cdf = torch.softmax(logits, -1).cumsum(-1)
+        u = torch.rand((), generator=g) * cdf[-1]
+        t = int(torch.searchsorted(cdf, u.unsqueeze(0), right=True).clamp(max=len(cdf) - 1))
+        ref.append(t)
+        ctx.append(t)
+        if t == eos:
+            break
+    assert out == ref

@@ -195,3 +195,99 @@ def test_loss_variants_kl_and_ppo_epochs_run(tmp_path, tiny_model_dir, tiny_data
     if beta > 0:
         # The policy equals the reference before the first update: KL is ~0 but computed.
         assert row["kl"] is not None and row["kl"] >= 0.0
+
+
+def test_rephrasing_with_the_rollouts_changes_nothing_but_cost(tmp_path, tiny_model_dir, tiny_data):
+    """repo.rephrase_batching=with_rollouts samples rephrases in the rollout call; per-row seeds make
+    the run identical to rephrasing after the gate: same completions, rewards, advantages, weights."""
+    runs = {}
+    for flag in ("with_rollouts", "separate"):
+        over = tiny_overrides(tiny_model_dir, tiny_data, **{"repo.rephrase_batching": flag, "repo.rho": 0.0,
+                                                           "repo.num_attempts": 2, "train.max_steps": 3,
+                                                           "repo.allow_unverified": "true"})
+        assert run_cli(tmp_path, flag, over) == 0
+        runs[flag] = tmp_path / flag
+    a, b = read(runs["with_rollouts"] / "completions.jsonl"), read(runs["separate"] / "completions.jsonl")
+    assert any(c["origin"] == "rephrased" for c in a)
+    assert a == b
+    ma, mb = read(runs["with_rollouts"] / "metrics.jsonl"), read(runs["separate"] / "metrics.jsonl")
+    for x, y in zip(ma, mb):
+        for k in ("repo/gated", "repo/attempts", "repo/verified", "repo/replaced", "loss", "grad_norm"):
+            assert x.get(k) == y.get(k), k
+        if x["repo/replaced"]:
+            assert x["repo/logp_gap"] == pytest.approx(y["repo/logp_gap"], abs=1e-3)
+    from safetensors.torch import load_file
+
+    wa = load_file(str(runs["with_rollouts"] / "checkpoints" / "step-3" / "model.safetensors"))
+    wb = load_file(str(runs["separate"] / "checkpoints" / "step-3" / "model.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.parametrize("mode", ["with_rollouts", "separate"])
+def test_logp_gap_equals_two_explicit_forwards(tmp_path, tiny_model_dir, tiny_data, mode):
+    """repo/logp_gap is taken from the sampler and the update's forward pass; it must equal
+    log pi(o|P(q,k)) - log pi(o|q) computed by two forwards under the pre-update weights."""
+    import copy
+
+    cfg = build_config({}, tiny_overrides(tiny_model_dir, tiny_data, **{
+        "repo.rho": 0.0, "repo.allow_unverified": "true", "train.threads": 1,
+        "repo.rephrase_batching": mode}))
+    t = Trainer(cfg, tmp_path / "gap", progress=False)
+    before = copy.deepcopy(t.core)
+    seen = {}
+    real = t._update
+
+    def spy(batch, *args, **kw):
+        seen["batch"] = batch
+        return real(batch, *args, **kw)
+
+    t._update = spy
+    m = t.train_step()
+    batch = seen["batch"]
+    assert batch.gap_under_p, "no rephrase was injected"
+    G = cfg.algorithm.num_generations
+    from repo_rl.trainer import Sequence_
+
+    gaps = []
+    for f in batch.gap_under_p:
+        s = batch.sequences[f]
+        ex = batch.examples[f // G]
+        rp = t.renderer.ids(t.renderer.rephrase_prompt(ex, cfg.repo.rephrase_template))
+        q = t._logprobs_all(before, [s])[0].sum()
+        p = t._logprobs_all(before, [Sequence_(rp, s.completion_ids, False)])[0].sum()
+        gaps.append(float(p - q))
+    assert m["repo/logp_gap"] == pytest.approx(sum(gaps) / len(gaps), abs=1e-3)
+
+
+@pytest.mark.parametrize("template, calls", [
+    # The default rephrase prompt is several times longer than a question: a second call.
+    (None, 2),
+    # A rephrase prompt about as long as the question: one call for rollouts and rephrases.
+    ("{question}{solution}", 1),
+])
+def test_auto_rephrase_batching_follows_the_prompt_lengths(tmp_path, tiny_model_dir, template, calls):
+    data = tmp_path / "short_solutions.jsonl"
+    with open(data, "w") as fh:  # long questions, two-character expert solutions
+        for i in range(4):
+            fh.write(json.dumps({"prompt": f"what is {i} plus {i}? think about it and answer now", "answer": str(2 * i),
+                                 "solution": f"={2 * i}"}) + "\n")
+    extra = {"repo.rho": 0.0, "repo.allow_unverified": "true", "train.threads": 1, "repo.rephrase_batching": "auto"}
+    if template:
+        extra["repo.rephrase_template"] = template
+    cfg = build_config({}, tiny_overrides(tiny_model_dir, data, **extra))
+    t = Trainer(cfg, tmp_path / "auto", progress=False)
+    q = max(len(t.renderer.ids(e.prompt)) for e in t.train_examples)
+    rp = max(len(t.renderer.ids(t.renderer.rephrase_prompt(e, cfg.repo.rephrase_template))) for e in t.train_examples if e.solution)
+    assert (rp <= 1.25 * q) == (calls == 1), (q, rp)  # the fixture exercises both sides of the rule
+    n = {"calls": 0}
+    for name in ("generate", "generate_with_logprobs"):
+        real = getattr(t.generator, name)
+
+        def spy(*a, _real=real, **k):
+            n["calls"] += 1
+            return _real(*a, **k)
+
+        setattr(t.generator, name, spy)
+    m = t.train_step()
+    assert m["repo/replaced"] > 0
+    assert n["calls"] == calls

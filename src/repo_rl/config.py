@@ -159,7 +159,15 @@ class RepoConfig:
     max_new_tokens: Optional[int] = None
     """Rephrase length limit (None: ``algorithm.max_completion_length``)."""
     log_prob_gap: bool = True
-    """Compute ``repo/logp_gap`` = log pi(o_rep|P(q,k)) - log pi(o_rep|q) (one extra forward on injected rows)."""
+    """Log ``repo/logp_gap`` = log pi(o_rep|P(q,k)) - log pi(o_rep|q) over injected rephrases (taken from the
+    sampler and the update's forward pass, so it costs no extra forward in the usual case)."""
+    rephrase_batching: Literal["auto", "with_rollouts", "separate"] = "auto"
+    """Where rephrases are sampled. ``with_rollouts``: the rephrase of every prompt that has an expert
+    solution is sampled in the rollout call (one decode loop per step) and only gated groups' are kept.
+    ``separate``: a second call after the gate, for gated groups only. ``auto``: with the rollouts when
+    the rephrase prompts are at most 1.25x as long as the rollout prompts (they pad the whole batch
+    otherwise), else separate. Per-row seeds make the samples the same in every mode. Rephrase
+    sampling settings that differ from the rollout ones always mean ``separate``."""
 
 
 @dataclass

@@ -32,6 +32,19 @@ class Generator(Protocol):
         ...
 
 
+class LogprobGenerator(Generator, Protocol):
+    """A generator that can also return the log-prob of each sampled token.
+
+    The log-probs are under the model's own distribution (before temperature, top-p and
+    top-k), i.e. ``log pi(o_t | prompt, o_<t)``.
+    """
+
+    def generate_with_logprobs(
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams, seeds: Sequence[int]
+    ) -> tuple[list[list[int]], list[list[float]]]:
+        ...
+
+
 def derive_seed(*parts: int) -> int:
     """A 63-bit seed from integers (e.g. ``(run_seed, step, prompt_index, sample)``), stable across runs."""
     h = 0x9E3779B97F4A7C15
@@ -83,46 +96,70 @@ class HFGenerator:
         dev = next(self.model.parameters()).device.type
         return torch.autocast(dev, dtype=self.autocast_dtype)
 
-    @torch.no_grad()
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams, seeds: Sequence[int]) -> list[list[int]]:
+        return self._generate(prompts, params, seeds, want_logprobs=False)[0]
+
+    def generate_with_logprobs(
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams, seeds: Sequence[int]
+    ) -> tuple[list[list[int]], list[list[float]]]:
+        """Like :meth:`generate`, plus ``log pi(token)`` of each sampled token before temperature."""
+        return self._generate(prompts, params, seeds, want_logprobs=True)
+
+    @torch.no_grad()
+    def _generate(
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams, seeds: Sequence[int], want_logprobs: bool
+    ) -> tuple[list[list[int]], list[list[float]]]:
         if len(prompts) != len(seeds):
             raise ValueError("one seed per prompt row is required")
         if not prompts:
-            return []
+            return [], []
         bs = self.batch_size or len(prompts)
         # Group rows of similar prompt length to reduce padding; restore the order after.
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         out: list[list[int]] = [[] for _ in prompts]
+        out_lp: list[list[float]] = [[] for _ in prompts]
         was_training = self.model.training
         self.model.eval()
         try:
             for s in range(0, len(order), bs):
                 chunk = order[s : s + bs]
-                res = self._generate_batch([prompts[i] for i in chunk], params, [seeds[i] for i in chunk])
-                for i, r in zip(chunk, res):
-                    out[i] = r
+                res, lps = self._generate_batch([prompts[i] for i in chunk], params, [seeds[i] for i in chunk], want_logprobs)
+                for j, i in enumerate(chunk):
+                    out[i] = res[j]
+                    if want_logprobs:
+                        out_lp[i] = lps[j]
         finally:
             self.model.train(was_training)
-        return out
+        return out, out_lp
 
-    def _generate_batch(self, prompts: Sequence[Sequence[int]], params: SamplingParams, seeds: Sequence[int]) -> list[list[int]]:
+    def _generate_batch(
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams, seeds: Sequence[int], want_logprobs: bool = False
+    ) -> tuple[list[list[int]], list[list[float]]]:
         device = next(self.model.parameters()).device
         B = len(prompts)
         L = max(len(p) for p in prompts)
+        T = params.max_new_tokens
         ids = torch.full((B, L), self.pad, dtype=torch.long)
-        attn = torch.zeros((B, L), dtype=torch.long)
+        # The attention mask for the whole call, allocated once; step t passes a view of it.
+        attn_full = torch.zeros((B, L + T), dtype=torch.long)
         for i, p in enumerate(prompts):
             if len(p) == 0:
                 raise ValueError("empty prompt")
             ids[i, L - len(p) :] = torch.tensor(list(p), dtype=torch.long)
-            attn[i, L - len(p) :] = 1
-        ids, attn = ids.to(device), attn.to(device)
+            attn_full[i, L - len(p) :] = 1
+        ids, attn_full = ids.to(device), attn_full.to(device)
+        attn = attn_full[:, :L]
         pos = (attn.cumsum(-1) - 1).clamp(min=0)
-        gens = [torch.Generator().manual_seed(int(sd)) for sd in seeds]
+        # Each row's uniforms for the whole call, drawn at once from its own generator (the same
+        # stream as one scalar draw per token).
+        uniforms = None
+        if params.temperature > 0:
+            uniforms = torch.stack([torch.rand(T, generator=torch.Generator().manual_seed(int(sd))) for sd in seeds]).to(device)
         eos = self.eos.to(device)
         done = torch.zeros(B, dtype=torch.bool, device=device)
-        tokens = torch.full((B, params.max_new_tokens), self.pad, dtype=torch.long, device=device)
-        lengths = torch.full((B,), params.max_new_tokens, dtype=torch.long, device=device)
+        tokens = torch.full((B, T), self.pad, dtype=torch.long, device=device)
+        token_lp = torch.zeros((B, T), dtype=torch.float32, device=device) if want_logprobs else None
+        lengths = torch.full((B,), T, dtype=torch.long, device=device)
 
         from transformers import DynamicCache
 
@@ -132,20 +169,22 @@ class HFGenerator:
             outp = self.model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, **{self._cache_kw: cache}, **extra)
         logits = outp.logits[:, -1, :].float()
         next_pos = pos[:, -1:] + 1
-        for t in range(params.max_new_tokens):
-            nxt = self._sample(logits, params, gens)
+        for t in range(T):
+            nxt = self._sample(logits, params, None if uniforms is None else uniforms[:, t])
+            if token_lp is not None:
+                token_lp[:, t] = torch.log_softmax(logits, -1).gather(-1, nxt.unsqueeze(-1)).squeeze(-1)
             nxt = torch.where(done, torch.full_like(nxt, self.pad), nxt)
             tokens[:, t] = nxt
             hit = torch.isin(nxt, eos) & ~done
             lengths = torch.where(hit, torch.full_like(lengths, t + 1), lengths)
             done = done | hit
-            if bool(done.all()) or t == params.max_new_tokens - 1:
+            if bool(done.all()) or t == T - 1:
                 break
-            attn = torch.cat([attn, torch.ones((B, 1), dtype=attn.dtype, device=device)], dim=1)
+            attn_full[:, L + t] = 1
             with self._autocast():
                 outp = self.model(
                     input_ids=nxt.unsqueeze(1),
-                    attention_mask=attn,
+                    attention_mask=attn_full[:, : L + t + 1],
                     position_ids=next_pos,
                     use_cache=True,
                     **{self._cache_kw: cache},
@@ -154,16 +193,21 @@ class HFGenerator:
             logits = outp.logits[:, -1, :].float()
             next_pos = next_pos + 1
         tokens, lengths = tokens.cpu(), lengths.cpu()
-        return [tokens[i, : int(lengths[i])].tolist() for i in range(B)]
+        out = [tokens[i, : int(lengths[i])].tolist() for i in range(B)]
+        lps: list[list[float]] = []
+        if token_lp is not None:
+            token_lp = token_lp.cpu()
+            lps = [token_lp[i, : int(lengths[i])].tolist() for i in range(B)]
+        return out, lps
 
     @staticmethod
-    def _sample(logits: torch.Tensor, params: SamplingParams, gens: list[torch.Generator]) -> torch.Tensor:
-        if params.temperature <= 0:
+    def _sample(logits: torch.Tensor, params: SamplingParams, u: Optional[torch.Tensor]) -> torch.Tensor:
+        """Inverse-CDF sampling with one uniform per row (``u``: ``[B]``); greedy at temperature 0."""
+        if params.temperature <= 0 or u is None:
             return logits.argmax(-1)
         logits = _filter_logits(logits / params.temperature, params.top_k, params.top_p)
         probs = torch.softmax(logits, dim=-1)
         cdf = probs.cumsum(-1)
-        u = torch.stack([torch.rand((), generator=g) for g in gens]).to(logits.device, cdf.dtype)
-        u = u * cdf[:, -1]  # guards against the cdf ending slightly below 1
+        u = u.to(cdf.dtype) * cdf[:, -1]  # guards against the cdf ending slightly below 1
         idx = torch.searchsorted(cdf, u.unsqueeze(-1), right=True).squeeze(-1)
         return idx.clamp(max=logits.shape[-1] - 1)

@@ -59,6 +59,12 @@ class StepBatch:
     origins: torch.Tensor = None  # type: ignore[assignment]  # [N*G]
     dropped: torch.Tensor = None  # type: ignore[assignment]  # [N*G] rows left out of the loss
     metrics: dict[str, float] = field(default_factory=dict)
+    rephrase_pool: Optional[dict[int, list[tuple[list[int], list[float]]]]] = None
+    """Rephrases sampled with the rollouts: prompt position -> ``num_attempts`` (ids, token log-probs)."""
+    gap_under_p: dict[int, float] = field(default_factory=dict)
+    """Injected rephrase rows (flat position) -> log pi(o_rep | P(q, k)), for ``repo/logp_gap``."""
+    logp_sums: dict[int, float] = field(default_factory=dict)
+    """Flat position -> log pi(o | q) before the update, filled by the update for ``gap_under_p`` rows."""
 
 
 class RewardScorer:
@@ -445,7 +451,39 @@ class Trainer:
         return out
 
     # ------------------------------------------------------------------ one step
-    def _rollouts(self, batch: StepBatch) -> None:
+    def _rollout_params(self) -> SamplingParams:
+        a = self.cfg.algorithm
+        return SamplingParams(a.max_completion_length, a.temperature, a.top_p, a.top_k)
+
+    def _rephrase_params(self) -> SamplingParams:
+        a, r = self.cfg.algorithm, self.cfg.repo
+        return SamplingParams(
+            r.max_new_tokens or a.max_completion_length,
+            a.temperature if r.temperature is None else r.temperature,
+            a.top_p if r.top_p is None else r.top_p,
+            a.top_k,
+        )
+
+    def _rephrase_rows(self, batch: StepBatch, positions: Sequence[int]) -> tuple[list[list[int]], list[int]]:
+        """Rephrase prompts P(q, k) and seeds: ``num_attempts`` rows per prompt position, in order."""
+        cfg = self.cfg
+        rows, seeds = [], []
+        for n in positions:
+            ex = batch.examples[n]
+            ids = self.renderer.ids(self.renderer.rephrase_prompt(ex, cfg.repo.rephrase_template))
+            occurrence = batch.dataset_index[:n].count(batch.dataset_index[n])
+            for a in range(cfg.repo.num_attempts):
+                rows.append(ids)
+                seeds.append(derive_seed(cfg.train.seed, STREAM_REPHRASE, self.step, batch.dataset_index[n], occurrence, a))
+        return rows, seeds
+
+    def _sample(self, rows: list[list[int]], params: SamplingParams, seeds: list[int], want_logprobs: bool):
+        """Generate; token log-probs too when asked and the generator can give them (else None)."""
+        if want_logprobs and hasattr(self.generator, "generate_with_logprobs"):
+            return self.generator.generate_with_logprobs(rows, params, seeds)
+        return self.generator.generate(rows, params, seeds), None
+
+    def _rollouts(self, batch: StepBatch, spec: alg.MethodSpec) -> None:
         cfg = self.cfg
         G = cfg.algorithm.num_generations
         rows, seeds = [], []
@@ -454,8 +492,27 @@ class Trainer:
             for j in range(G):
                 rows.append(self._prompt_ids(di))
                 seeds.append(derive_seed(cfg.train.seed, STREAM_ROLLOUT, self.step, di, occurrence, j))
-        params = SamplingParams(cfg.algorithm.max_completion_length, cfg.algorithm.temperature, cfg.algorithm.top_p, cfg.algorithm.top_k)
-        comps = self.generator.generate(rows, params, seeds)
+        params = self._rollout_params()
+        rp_rows: list[list[int]] = []
+        eligible: list[int] = []
+        mode = cfg.repo.rephrase_batching
+        if spec.injection == "rephrase" and mode != "separate" and self._rephrase_params() == params:
+            # One decode loop for rollouts and rephrases; the gate decides later which are used.
+            eligible = [n for n, e in enumerate(batch.examples) if e.solution is not None]
+            rp_rows, rp_seeds = self._rephrase_rows(batch, eligible)
+            longest = max((len(r) for r in rp_rows), default=0)
+            if mode == "auto" and rows and longest > 1.25 * max(len(r) for r in rows):
+                rp_rows, eligible = [], []  # the padding would cost more than a second loop
+            else:
+                rows, seeds = rows + rp_rows, seeds + rp_seeds
+        comps, lps = self._sample(rows, params, seeds, bool(rp_rows) and cfg.repo.log_prob_gap)
+        if rp_rows:
+            A, base = cfg.repo.num_attempts, len(rows) - len(rp_rows)
+            batch.rephrase_pool = {
+                n: [(comps[base + i * A + a], lps[base + i * A + a] if lps is not None else []) for a in range(A)]
+                for i, n in enumerate(eligible)
+            }
+            rows, comps = rows[:base], comps[:base]
         batch.sequences = [Sequence_(r, c, self._is_truncated(c, params.max_new_tokens)) for r, c in zip(rows, comps)]
         batch.texts = [self._decode(c) for c in comps]
 
@@ -492,23 +549,17 @@ class Trainer:
         cand_seqs: list[Sequence_] = []  # [len(gidx) * A]
         cand_texts: list[str] = []
         rp_prompt_ids: list[list[int]] = []
+        rp_logp: list[Optional[float]] = []  # log pi(candidate | P(q, k)) from the sampler, when known
         if spec.injection == "rephrase":
-            rows, seeds = [], []
-            for n in gidx:
-                ex = batch.examples[n]
-                ids = self.renderer.ids(self.renderer.rephrase_prompt(ex, cfg.repo.rephrase_template))
-                for a in range(A):
-                    rows.append(ids)
-                    occurrence = batch.dataset_index[:n].count(batch.dataset_index[n])
-                    seeds.append(derive_seed(cfg.train.seed, STREAM_REPHRASE, self.step, batch.dataset_index[n], occurrence, a))
-            params = SamplingParams(
-                cfg.repo.max_new_tokens or cfg.algorithm.max_completion_length,
-                cfg.algorithm.temperature if cfg.repo.temperature is None else cfg.repo.temperature,
-                cfg.algorithm.top_p if cfg.repo.top_p is None else cfg.repo.top_p,
-                cfg.algorithm.top_k,
-            )
-            outs = self.generator.generate(rows, params, seeds)  # all gated groups in one call
-            for r, ids in zip(rows, outs):
+            params = self._rephrase_params()
+            if batch.rephrase_pool is not None:  # sampled with the rollouts
+                rows = self._rephrase_rows(batch, gidx)[0]
+                outs = [batch.rephrase_pool[n][a][0] for n in gidx for a in range(A)]
+                lps = [batch.rephrase_pool[n][a][1] for n in gidx for a in range(A)]
+            else:
+                rows, seeds = self._rephrase_rows(batch, gidx)
+                outs, lps = self._sample(rows, params, seeds, cfg.repo.log_prob_gap)  # all gated groups in one call
+            for c, (r, ids) in enumerate(zip(rows, outs)):
                 raw = self._decode(ids)
                 text = strip_meta(raw, cfg.repo.strip_patterns)
                 comp = ids if text == raw else self._encode_completion(text)
@@ -521,6 +572,9 @@ class Trainer:
                 cand_texts.append(text)
                 cand_seqs.append(Sequence_([], comp, truncated))
                 rp_prompt_ids.append(r)
+                # The sampler's log-probs describe the sampled ids; a stripped text is new ids.
+                sampled = lps is not None and len(lps[c]) == len(ids) and comp == ids[: len(comp)]
+                rp_logp.append(float(sum(lps[c][: len(comp)])) if sampled else None)
         else:  # the expert solution itself, trained under q
             for n in gidx:
                 ex = batch.examples[n]
@@ -579,11 +633,13 @@ class Trainer:
         positive = (accept & (cand_rewards >= cfg.repo.delta)).any(1)
         m["repo/positive"] = float(positive[gated].sum())
         if injected and spec.injection == "rephrase" and cfg.repo.log_prob_gap:
-            under_q = self._logprobs_all(self.core, [seqs[f] for f, _ in injected])
-            under_p = self._logprobs_all(self.core, [Sequence_(rp_prompt_ids[c], cand_seqs[c].completion_ids, False) for _, c in injected])
-            gaps = [float(p.sum() - q.sum()) for p, q in zip(under_p, under_q)]
-            m["repo/gap_sum"] = sum(gaps)
-            m["repo/gap_n"] = float(len(gaps))
+            # log pi(o|P(q,k)) comes from the sampler; log pi(o|q) from the update's forward pass.
+            missing = [(f, c) for f, c in injected if rp_logp[c] is None]
+            if missing:
+                under_p = self._logprobs_all(self.core, [Sequence_(rp_prompt_ids[c], cand_seqs[c].completion_ids, False) for _, c in missing])
+                for (_, c), lp in zip(missing, under_p):
+                    rp_logp[c] = float(lp.sum())
+            batch.gap_under_p = {f: float(rp_logp[c]) for f, c in injected}  # type: ignore[arg-type]
 
     def _update(self, batch: StepBatch, advantages: torch.Tensor, valid: torch.Tensor, timings: dict[str, float]) -> dict[str, float]:
         cfg = self.cfg
@@ -618,6 +674,10 @@ class Trainer:
             for chunk in self._micro_batches(seqs):
                 mb = [seqs[i] for i in chunk]
                 logp, mask, ent = self._forward_logprobs(self.core, mb, with_grad=True, want_entropy=(it == 0))
+                if it == 0 and batch.gap_under_p:
+                    for j, i in enumerate(chunk):
+                        if i in batch.gap_under_p:
+                            batch.logp_sums[i] = float((logp[j].detach() * mask[j]).sum())
                 seq_w = loss_mask_seq[chunk].to(mask.device, mask.dtype)
                 mask = mask * seq_w.unsqueeze(-1)
                 T = logp.shape[1]
@@ -734,7 +794,7 @@ class Trainer:
 
         if spec.rollouts:
             t0 = time.perf_counter()
-            self._rollouts(batch)
+            self._rollouts(batch, spec)
             timings["generation"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             rep_examples = [e for e in batch.examples for _ in range(G)]
@@ -786,6 +846,9 @@ class Trainer:
             upd = self._update(batch, adv, valid, timings)
         else:
             upd = {"loss": float("nan"), "train/skipped_step": 1.0}
+        gaps = [batch.gap_under_p[f] - batch.logp_sums[f] for f in batch.gap_under_p if f in batch.logp_sums]
+        batch.metrics["repo/gap_sum"] = float(sum(gaps))
+        batch.metrics["repo/gap_n"] = float(len(gaps))
         self.step += 1
 
         c = d.sum_dict({k: v for k, v in batch.metrics.items()})
