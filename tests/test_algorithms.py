@@ -586,6 +586,19 @@ def test_entropy_from_logits():
     assert e.item() == pytest.approx(0.25 * math.log(4) + 0.75 * math.log(4 / 3), abs=1e-6)
 
 
+@pytest.mark.parametrize("chunk", [1, 7, 11, 50, 1 << 21])
+def test_entropy_in_slices_equals_the_whole_batch_at_once(chunk):
+    """Slices of positions (chunk_elements // V rows each, at least one) give exactly the
+    per-position loop's answer, whatever the slice boundaries."""
+    x = torch.randn(3, 5, 11, generator=torch.Generator().manual_seed(0)) * 4
+    got = entropy_from_logits(x, chunk_elements=chunk)
+    assert got.shape == (3, 5)
+    for b in range(3):
+        for p in range(5):
+            lp = torch.log_softmax(x[b, p], -1)
+            assert torch.equal(got[b, p], -(lp.exp() * lp).sum())
+
+
 # ======================================================================================
 # failure_fraction / gate / all_failed
 # ======================================================================================

@@ -78,10 +78,20 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * m).sum() / m.sum().clamp(min=1.0)
 
 
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Per-position entropy of the softmax over the last dimension."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    return -(logp.exp() * logp).sum(-1)
+def entropy_from_logits(logits: torch.Tensor, chunk_elements: int = 1 << 21) -> torch.Tensor:
+    """Per-position entropy of the softmax over the last dimension.
+
+    Computed a slice of positions at a time (about ``chunk_elements`` logits per slice), so the
+    log-softmax temporaries of a large vocabulary never exist for the whole batch at once.
+    """
+    V = logits.shape[-1]
+    flat = logits.reshape(-1, V)
+    rows = max(1, chunk_elements // max(V, 1))
+    out = torch.empty(flat.shape[0], dtype=torch.float32, device=logits.device)
+    for s in range(0, flat.shape[0], rows):
+        logp = torch.log_softmax(flat[s : s + rows].float(), dim=-1)
+        out[s : s + rows] = -(logp.exp() * logp).sum(-1)
+    return out.view(logits.shape[:-1])
 
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
