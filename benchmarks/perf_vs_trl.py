@@ -95,8 +95,6 @@ def parity_reward(prompts, completions, id=None, **kwargs):  # noqa: A002 - TRL 
 # Models and data
 # ----------------------------------------------------------------------------------------
 
-CHARS = list("abcdefghijklmnopqrstuvwxyz0123456789 +-=?.,:;|()[]{}\\\n")
-
 WORD_PROBLEMS = [
     ("Tom has 3 boxes with 4 apples in each box. How many apples does he have?", "12",
      "Each box holds 4 apples and there are 3 boxes, so 3 * 4 = 12 apples. The answer is \\boxed{12}."),
@@ -120,43 +118,23 @@ WORD_PROBLEMS = [
 def make_char_tokenizer():
     """Character tokenizer whose EOS is the LAST id: the model gets ``len(tok) - 1`` logits, so
     the EOS id lies outside its vocabulary and can never be sampled (every completion is T long)."""
-    from tokenizers import Tokenizer, decoders, models
-    from transformers import PreTrainedTokenizerFast
+    from repo_rl.tiny import make_char_tokenizer as _make
 
-    vocab = {t: i for i, t in enumerate(["<pad>", "<unk>"] + CHARS + ["<eos>"])}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    tok.decoder = decoders.Fuse()
-    out = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
-    out.model_max_length = 4096
-    return out
+    return _make(eos_last=True, model_max_length=4096)
 
 
 def build_random_model(path: Path, case: dict) -> dict:
-    import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from repo_rl.tiny import save_tiny_model_dir
 
     tok = make_char_tokenizer()
     assert tok.eos_token_id == len(tok) - 1
-    cfg = Qwen2Config(
+    model = save_tiny_model_dir(
+        path, tok,
         vocab_size=len(tok) - 1,  # EOS (the last id) is not a model output: never sampled
-        hidden_size=case["hidden"],
-        intermediate_size=case["intermediate"],
-        num_hidden_layers=case["layers"],
-        num_attention_heads=case["heads"],
-        num_key_value_heads=case["kv_heads"],
-        max_position_embeddings=2048,
-        tie_word_embeddings=True,
-        pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id,
-        bos_token_id=None,
+        hidden_size=case["hidden"], intermediate_size=case["intermediate"], num_layers=case["layers"],
+        num_heads=case["heads"], num_kv_heads=case["kv_heads"], max_position_embeddings=2048, seed=0,
     )
-    torch.manual_seed(0)
-    model = Qwen2ForCausalLM(cfg)
-    model.generation_config.eos_token_id = tok.eos_token_id
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return {"params": sum(p.numel() for p in model.parameters()), "vocab_size": cfg.vocab_size,
+    return {"params": sum(p.numel() for p in model.parameters()), "vocab_size": model.config.vocab_size,
             "eos_token_id": tok.eos_token_id, "suppress_eos": []}
 
 

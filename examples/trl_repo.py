@@ -38,24 +38,12 @@ def contains_answer(prompts, completions, answer, **kwargs):
 
 def tiny_model(path: Path) -> str:
     """A random 2-layer Qwen2 with the toy world's character tokenizer, saved to ``path``."""
-    import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
+    from repo_rl.tiny import save_tiny_model_dir
     from repo_rl.toyworld.tokenizer import build_tokenizer
 
     tok = build_tokenizer()
     tok.model_max_length = 2048
-    cfg = Qwen2Config(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True,
-        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None,
-    )
-    torch.manual_seed(0)
-    model = Qwen2ForCausalLM(cfg)
-    model.generation_config.eos_token_id = tok.eos_token_id
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
+    save_tiny_model_dir(path, tok, hidden_size=64, intermediate_size=128, max_position_embeddings=1024, seed=0)
     return str(path)
 
 

@@ -25,43 +25,17 @@ def _restore_torch_threads():
     yield
     torch.set_num_threads(_THREADS)
 
-CHARS = list("abcdefghijklmnopqrstuvwxyz0123456789 +-=?.,:;|()[]{}\\\n")
-
 
 def make_tokenizer():
-    from tokenizers import Tokenizer, decoders, models
-    from transformers import PreTrainedTokenizerFast
+    from repo_rl.tiny import make_char_tokenizer
 
-    vocab = {t: i for i, t in enumerate(["<pad>", "<eos>", "<unk>"] + CHARS)}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    tok.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+    return make_char_tokenizer()
 
 
 def make_tiny_model_dir(path: Path, seed: int = 0, hidden: int = 64, layers: int = 2) -> Path:
-    import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from repo_rl.tiny import save_tiny_model_dir
 
-    tok = make_tokenizer()
-    cfg = Qwen2Config(
-        vocab_size=len(tok),
-        hidden_size=hidden,
-        intermediate_size=hidden * 2,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-        pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id,
-        bos_token_id=None,
-    )
-    torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(cfg)
-    model.generation_config.eos_token_id = tok.eos_token_id
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
+    save_tiny_model_dir(path, make_tokenizer(), hidden_size=hidden, num_layers=layers, seed=seed)
     return path
 
 
