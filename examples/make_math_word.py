@@ -1,6 +1,8 @@
 """Generate the small math word-problem set with expert solutions used by configs/smollm2_math.yaml.
 
     python examples/make_math_word.py            # writes examples/data/math_word.jsonl
+    python examples/make_math_word.py --n 60 --seed 1 --exclude examples/data/math_word.jsonl --id-prefix mwe \
+        --out examples/data/math_word_eval.jsonl    # the held-out evaluation set
 
 Seeded and deterministic. Each row: id, prompt, answer (an integer), solution (an expert
 solution in plain English ending with a boxed answer), domain (the template family).
@@ -8,6 +10,7 @@ solution in plain English ending with a boxed answer), domain (the template fami
 
 from __future__ import annotations
 
+import argparse
 import json
 import random
 from pathlib import Path
@@ -69,24 +72,35 @@ def percent(rng):
 FAMILIES = {"add_sub": add_sub, "groups": groups, "share": share, "rate": rate, "percent": percent}
 
 
-def generate(n: int = 100, seed: int = 0) -> list[dict]:
+def generate(n: int = 100, seed: int = 0, prefix: str = "mw") -> list[dict]:
     rng = random.Random(seed)
     rows = []
     names = sorted(FAMILIES)
     for i in range(n):
         fam = names[i % len(names)]
         q, ans, s = FAMILIES[fam](rng)
-        rows.append({"id": f"mw{i:03d}", "prompt": q, "answer": str(ans), "solution": s, "domain": fam})
+        rows.append({"id": f"{prefix}{i:03d}", "prompt": q, "answer": str(ans), "solution": s, "domain": fam})
     return rows
 
 
 def main() -> None:
-    out = Path(__file__).resolve().parent / "data" / "math_word.jsonl"
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=100, help="rows (default 100)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "data" / "math_word.jsonl"))
+    ap.add_argument("--id-prefix", default="mw")
+    ap.add_argument("--exclude", default=None, help="JSONL whose prompts must not appear (a training set)")
+    args = ap.parse_args()
+    banned = set()
+    if args.exclude:
+        banned = {json.loads(line)["prompt"] for line in open(args.exclude) if line.strip()}
+    rows = [r for r in generate(args.n + len(banned), args.seed, args.id_prefix) if r["prompt"] not in banned][: args.n]
+    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w") as fh:
-        for r in generate():
+        for r in rows:
             fh.write(json.dumps(r) + "\n")
-    print(out)
+    print(f"{out}: {len(rows)} rows")
 
 
 if __name__ == "__main__":
