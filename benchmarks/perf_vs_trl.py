@@ -315,6 +315,9 @@ def worker_ours(method: str, spec: dict, chan: Chan) -> None:
         "repo.delta": 0.5,
         "repo.allow_unverified": "true",
     }
+    for kv in spec.get("overrides", []):  # --set: extra settings of our trainer (both GRPO and RePO)
+        k, v = kv.split("=", 1)
+        over[k] = v
     cfg = build_config({}, [f"{k}={v}" for k, v in over.items()])
     out_dir = Path(spec["work"]) / f"out-{method}"
     shutil.rmtree(out_dir, ignore_errors=True)
@@ -327,8 +330,8 @@ def worker_ours(method: str, spec: dict, chan: Chan) -> None:
 
         sup = torch.tensor(spec["suppress_eos"], dtype=torch.long)
 
-        def _sample(logits, params, gens, _orig=HFGenerator._sample):
-            return _orig(logits.index_fill(-1, sup.to(logits.device), -float("inf")), params, gens)
+        def _sample(logits, params, u, _orig=HFGenerator._sample):
+            return _orig(logits.index_fill(-1, sup.to(logits.device), -float("inf")), params, u)
 
         tr.generator._sample = _sample
     torch.set_num_threads(spec["threads"])
@@ -655,7 +658,8 @@ def run_case(name: str, args, work_root: Path) -> dict:
     data = work / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     spec = {"case": case, "model_dir": str(model_dir), "data_jsonl": str(data), "threads": args.threads, "bf16": args.bf16,
-            "loss_type": args.loss_type, "micro_batch": args.micro_batch, "suppress_eos": info["suppress_eos"], "work": str(work)}
+            "loss_type": args.loss_type, "micro_batch": args.micro_batch, "suppress_eos": info["suppress_eos"], "work": str(work),
+            "overrides": list(args.set)}
     spec_path = work / "spec.json"
     spec_path.write_text(json.dumps(spec, indent=1))
     roles = [r for r in CONTENDERS if r in args.only]
@@ -874,6 +878,8 @@ def main(argv=None) -> int:
     ap.add_argument("--loss-type", default="dapo", choices=["grpo", "dr_grpo", "dapo"], help="passed to both trainers")
     ap.add_argument("--micro-batch", type=int, default=None,
                     help="our train.micro_batch_size (default: all completions of a step in one pass, like TRL here)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra setting of our trainer, e.g. train.logprob_chunk_size=16 (repeatable; TRL is unchanged)")
     ap.add_argument("--only", default=",".join(CONTENDERS), help="comma-separated subset of grpo,repo,trl")
     ap.add_argument("--profile", default="none", choices=["none", "cprofile", "torch", "both"],
                     help="after the measured steps, run one extra step of every contender under the profiler(s)")

@@ -151,3 +151,31 @@ def test_preallocated_uniforms_keep_the_per_token_stream(varied_model):
         if t == eos:
             break
     assert out == ref
+
+
+def test_dropping_finished_rows_changes_no_sample(varied_model):
+    """Rows that finish early leave the batch; every row's sample must still equal its sample
+    generated alone and a run that never drops rows (ids and log-probs)."""
+    model, tok = varied_model
+    eos = tok.eos_token_id
+    ids = [tok(p)["input_ids"] for p in PROMPTS] * 4
+    seeds = list(range(100, 116))
+    params = SamplingParams(40, temperature=1.5)
+    # Make EOS likely enough that rows finish at different steps.
+    with torch.no_grad():
+        saved = model.lm_head.weight[eos].clone()
+        model.lm_head.weight[eos] += 0.35 * model.lm_head.weight.std()
+    try:
+        gen = HFGenerator(model, [eos], tok.pad_token_id)
+        full = HFGenerator(model, [eos], tok.pad_token_id, compact=False)
+        out, lps = gen.generate_with_logprobs(ids, params, seeds)
+        ref, ref_lps = full.generate_with_logprobs(ids, params, seeds)
+        alone = [gen.generate([p], params, [s])[0] for p, s in zip(ids, seeds)]
+    finally:
+        with torch.no_grad():
+            model.lm_head.weight[eos] = saved
+    lengths = sorted(len(o) for o in out)
+    assert lengths[3] < 40 and lengths[-1] == 40, lengths  # several rows finished early, some never did
+    assert out == ref == alone
+    for a, b in zip(lps, ref_lps):
+        assert torch.allclose(torch.tensor(a), torch.tensor(b), atol=1e-5)

@@ -70,7 +70,12 @@ def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tens
 
 
 class HFGenerator:
-    """KV-cached sampling for a Hugging Face causal LM, with per-row seeds."""
+    """KV-cached sampling for a Hugging Face causal LM, with per-row seeds.
+
+    With ``compact`` (the default), rows that have produced EOS are dropped from the batch and
+    the KV cache whenever a quarter of the remaining rows have finished, so long tails of a
+    few unfinished rows do not pay for the whole batch.
+    """
 
     def __init__(
         self,
@@ -79,8 +84,10 @@ class HFGenerator:
         pad_token_id: int,
         batch_size: Optional[int] = None,
         autocast_dtype: Optional[torch.dtype] = None,
+        compact: bool = True,
     ) -> None:
         self.model = model
+        self.compact = compact
         self.eos = torch.tensor(sorted(set(int(e) for e in eos_token_ids)), dtype=torch.long)
         self.pad = int(pad_token_id)
         self.batch_size = batch_size
@@ -169,17 +176,27 @@ class HFGenerator:
             outp = self.model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, **{self._cache_kw: cache}, **extra)
         logits = outp.logits[:, -1, :].float()
         next_pos = pos[:, -1:] + 1
+        rows = torch.arange(B, device=device)  # the call's row index of each row still in the batch
+        compact = self.compact and hasattr(cache, "batch_select_indices")
         for t in range(T):
             nxt = self._sample(logits, params, None if uniforms is None else uniforms[:, t])
             if token_lp is not None:
-                token_lp[:, t] = torch.log_softmax(logits, -1).gather(-1, nxt.unsqueeze(-1)).squeeze(-1)
+                token_lp[rows, t] = torch.log_softmax(logits, -1).gather(-1, nxt.unsqueeze(-1)).squeeze(-1)
             nxt = torch.where(done, torch.full_like(nxt, self.pad), nxt)
-            tokens[:, t] = nxt
+            tokens[rows, t] = nxt
             hit = torch.isin(nxt, eos) & ~done
-            lengths = torch.where(hit, torch.full_like(lengths, t + 1), lengths)
+            lengths[rows[hit]] = t + 1
             done = done | hit
             if bool(done.all()) or t == T - 1:
                 break
+            if compact and 4 * int(done.sum()) >= done.numel():
+                # A quarter of the rows have finished: drop them from the batch and the KV cache,
+                # so the remaining decode steps compute only rows that still sample.
+                keep = (~done).nonzero().squeeze(-1)
+                cache.batch_select_indices(keep)
+                rows, done, nxt, next_pos, attn_full = rows[keep], done[keep], nxt[keep], next_pos[keep], attn_full[keep]
+                if uniforms is not None:
+                    uniforms = uniforms[keep]
             attn_full[:, L + t] = 1
             with self._autocast():
                 outp = self.model(
