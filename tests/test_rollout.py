@@ -179,3 +179,37 @@ def test_dropping_finished_rows_changes_no_sample(varied_model):
     assert out == ref == alone
     for a, b in zip(lps, ref_lps):
         assert torch.allclose(torch.tensor(a), torch.tensor(b), atol=1e-5)
+
+
+def test_bf16_greedy_matches_generate_and_sees_weight_updates(varied_model):
+    """The sampler casts weights once per call (one autocast region). Greedy bf16 output must
+    equal ``model.generate`` under bf16 autocast, and an in-place weight update between calls
+    (a training step) must be seen by the next call: no cast copy outlives its call."""
+    import copy
+
+    model, tok = varied_model
+    model = copy.deepcopy(model)
+    ids = [tok(p)["input_ids"] for p in PROMPTS]
+    gen = HFGenerator(model, [tok.eos_token_id], tok.pad_token_id, autocast_dtype=torch.bfloat16)
+    params = SamplingParams(16, temperature=0.0)
+
+    def reference(m):
+        out = []
+        for p in ids:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                r = m.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long), do_sample=False,
+                               max_new_tokens=16, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)[0, len(p):].tolist()
+            out.append(r[: r.index(tok.eos_token_id) + 1] if tok.eos_token_id in r else r)
+        return out
+
+    def ours():  # one prompt per call: bf16 results depend on left padding, which generate lacks
+        return [gen.generate([p], params, [0])[0] for p in ids]
+
+    before = ours()
+    assert before == reference(model)
+    with torch.no_grad():  # an optimizer step, in place
+        for w in model.parameters():
+            w.mul_(-1.0) if w.dim() == 2 and w.shape[0] == len(tok) else None
+    after = ours()
+    assert after == reference(model)
+    assert after != before
