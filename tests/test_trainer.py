@@ -291,3 +291,20 @@ def test_auto_rephrase_batching_follows_the_prompt_lengths(tmp_path, tiny_model_
     m = t.train_step()
     assert m["repo/replaced"] > 0
     assert n["calls"] == calls
+
+
+def test_clip_ratio_counts_every_ppo_iteration(tmp_path, tiny_model_dir, tiny_data):
+    """With num_iterations=1 the ratio is exactly 1, so nothing clips. With 2 iterations, a large
+    step and a tight epsilon, the second iteration's ratios leave the trust region and the
+    logged clip ratio must show it (it used to be counted on the first iteration only)."""
+    ratios = {}
+    for iters in (1, 2):
+        over = tiny_overrides(tiny_model_dir, tiny_data, **{
+            "algorithm.method": "grpo", "algorithm.num_iterations": iters, "algorithm.epsilon": 0.01,
+            "reward.funcs": "[tests.helpers.rewards:text_length]", "train.learning_rate": 3e-2,
+            "train.max_grad_norm": 0, "train.max_steps": 2, "train.threads": 1})
+        assert run_cli(tmp_path, f"it{iters}", over) == 0
+        rows = read(tmp_path / f"it{iters}" / "metrics.jsonl")
+        ratios[iters] = [r["clip_ratio"] for r in rows]
+    assert ratios[1] == [0.0, 0.0]
+    assert all(0 < c <= 0.5 for c in ratios[2]), ratios[2]  # at most the second half of the passes

@@ -665,7 +665,7 @@ class Trainer:
                 ref_logps = self._logprobs_all(self.core, seqs)
         timings["logprobs"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        stats = {"loss": 0.0, "clip_low": 0.0, "clip_high": 0.0, "kl": 0.0, "entropy": 0.0, "tokens": 0.0}
+        stats = {"loss": 0.0, "clip_low": 0.0, "clip_high": 0.0, "clip_tokens": 0.0, "kl": 0.0, "entropy": 0.0, "tokens": 0.0}
         grad_norms: list[float] = []
         skipped = False
         for it in range(a.num_iterations):
@@ -704,11 +704,13 @@ class Trainer:
                 if n_seq > 0:
                     loss.backward()
                 loss_total += float(loss.detach())  # this rank's share of the global loss
+                # Clipping is counted over every iteration: with num_iterations=1 the ratio is 1
+                # by construction, and only later iterations can leave the trust region.
+                stats["clip_tokens"] += float(mask.sum())
+                stats["clip_low"] += float((low.float() * mask).sum())
+                stats["clip_high"] += float((high.float() * mask).sum())
                 if it == 0:
-                    ntok = float(mask.sum())
-                    stats["tokens"] += ntok
-                    stats["clip_low"] += float((low.float() * mask).sum())
-                    stats["clip_high"] += float((high.float() * mask).sum())
+                    stats["tokens"] += float(mask.sum())
                     if ent is not None:
                         stats["entropy"] += float((ent * mask).sum())
             loss_total = self.dist.sum_dict({"loss": loss_total})["loss"]
@@ -732,12 +734,13 @@ class Trainer:
         loss_sum = stats.pop("loss")
         stats = self.dist.sum_dict(stats)
         tok = max(stats["tokens"], 1.0)
+        ctok = max(stats["clip_tokens"], 1.0)
         out = {
             "loss": loss_sum if not skipped else float("nan"),
             "grad_norm": (sum(grad_norms) / len(grad_norms)) if grad_norms else float("nan"),
-            "clip_ratio/low_mean": stats["clip_low"] / tok,
-            "clip_ratio/high_mean": stats["clip_high"] / tok,
-            "clip_ratio/region_mean": (stats["clip_low"] + stats["clip_high"]) / tok,
+            "clip_ratio/low_mean": stats["clip_low"] / ctok,
+            "clip_ratio/high_mean": stats["clip_high"] / ctok,
+            "clip_ratio/region_mean": (stats["clip_low"] + stats["clip_high"]) / ctok,
             "entropy": stats["entropy"] / tok,
             "kl": stats["kl"] / tok if a.beta > 0 else 0.0,
             "learning_rate": self.scheduler.get_last_lr()[0],
