@@ -199,9 +199,10 @@ def test_loss_variants_kl_and_ppo_epochs_run(tmp_path, tiny_model_dir, tiny_data
 
 def test_rephrasing_with_the_rollouts_changes_nothing_but_cost(tmp_path, tiny_model_dir, tiny_data):
     """repo.rephrase_batching=with_rollouts samples rephrases in the rollout call; per-row seeds make
-    the run identical to rephrasing after the gate: same completions, rewards, advantages, weights."""
+    the run identical to rephrasing after the gate (and to auto, which switches between the two):
+    same completions, rewards, advantages, weights."""
     runs = {}
-    for flag in ("with_rollouts", "separate"):
+    for flag in ("with_rollouts", "separate", "auto"):
         over = tiny_overrides(tiny_model_dir, tiny_data, **{"repo.rephrase_batching": flag, "repo.rho": 0.0,
                                                            "repo.num_attempts": 2, "train.max_steps": 3,
                                                            "repo.allow_unverified": "true"})
@@ -209,7 +210,7 @@ def test_rephrasing_with_the_rollouts_changes_nothing_but_cost(tmp_path, tiny_mo
         runs[flag] = tmp_path / flag
     a, b = read(runs["with_rollouts"] / "completions.jsonl"), read(runs["separate"] / "completions.jsonl")
     assert any(c["origin"] == "rephrased" for c in a)
-    assert a == b
+    assert a == b == read(runs["auto"] / "completions.jsonl")
     ma, mb = read(runs["with_rollouts"] / "metrics.jsonl"), read(runs["separate"] / "metrics.jsonl")
     for x, y in zip(ma, mb):
         for k in ("repo/gated", "repo/attempts", "repo/verified", "repo/replaced", "loss", "grad_norm"):
@@ -259,38 +260,46 @@ def test_logp_gap_equals_two_explicit_forwards(tmp_path, tiny_model_dir, tiny_da
     assert m["repo/logp_gap"] == pytest.approx(sum(gaps) / len(gaps), abs=1e-3)
 
 
-@pytest.mark.parametrize("template, calls", [
-    # The default rephrase prompt is several times longer than a question: a second call.
-    (None, 2),
-    # A rephrase prompt about as long as the question: one call for rollouts and rephrases.
-    ("{question}{solution}", 1),
-])
-def test_auto_rephrase_batching_follows_the_prompt_lengths(tmp_path, tiny_model_dir, template, calls):
-    data = tmp_path / "short_solutions.jsonl"
-    with open(data, "w") as fh:  # long questions, two-character expert solutions
-        for i in range(4):
-            fh.write(json.dumps({"prompt": f"what is {i} plus {i}? think about it and answer now", "answer": str(2 * i),
-                                 "solution": f"={2 * i}"}) + "\n")
-    extra = {"repo.rho": 0.0, "repo.allow_unverified": "true", "train.threads": 1, "repo.rephrase_batching": "auto"}
-    if template:
-        extra["repo.rephrase_template"] = template
-    cfg = build_config({}, tiny_overrides(tiny_model_dir, data, **extra))
+def test_choose_batching_needs_every_trial_and_picks_the_faster():
+    from repo_rl.rollout import BATCHING_TRIALS, choose_batching
+
+    assert BATCHING_TRIALS == ("separate", "with_rollouts", "with_rollouts", "separate")
+    assert choose_batching([("separate", 1.0), ("with_rollouts", 0.1), ("with_rollouts", 0.1)]) is None
+    # separate 1.0 + 1.2 = 2.2 s against with_rollouts 0.9 + 1.4 = 2.3 s: separate is faster
+    assert choose_batching([("separate", 1.0), ("with_rollouts", 0.9), ("with_rollouts", 1.4), ("separate", 1.2)]) == "separate"
+    assert choose_batching([("separate", 1.0), ("with_rollouts", 0.9), ("with_rollouts", 1.0), ("separate", 1.2)]) == "with_rollouts"
+    assert choose_batching([("separate", 1.0), ("with_rollouts", 1.0), ("with_rollouts", 1.0), ("separate", 1.0)]) == "separate"
+
+
+def test_auto_rephrase_batching_times_both_modes_then_keeps_the_faster(tmp_path, tiny_model_dir, tiny_data, capsys):
+    """auto runs the ABBA trials on the first four steps with gated groups (one generation call
+    in with_rollouts mode, two in separate mode), then keeps the faster mode for good."""
+    cfg = build_config({}, tiny_overrides(tiny_model_dir, tiny_data, **{
+        "repo.rho": 0.0, "repo.allow_unverified": "true", "train.threads": 1, "repo.rephrase_batching": "auto",
+        "train.max_steps": 7}))
     t = Trainer(cfg, tmp_path / "auto", progress=False)
-    q = max(len(t.renderer.ids(e.prompt)) for e in t.train_examples)
-    rp = max(len(t.renderer.ids(t.renderer.rephrase_prompt(e, cfg.repo.rephrase_template))) for e in t.train_examples if e.solution)
-    assert (rp <= 1.25 * q) == (calls == 1), (q, rp)  # the fixture exercises both sides of the rule
-    n = {"calls": 0}
+    calls = []
     for name in ("generate", "generate_with_logprobs"):
         real = getattr(t.generator, name)
 
         def spy(*a, _real=real, **k):
-            n["calls"] += 1
+            calls[-1] += 1
             return _real(*a, **k)
 
         setattr(t.generator, name, spy)
-    m = t.train_step()
-    assert m["repo/replaced"] > 0
-    assert n["calls"] == calls
+    modes = []
+    for _ in range(7):
+        calls.append(0)
+        m = t.train_step()
+        assert m["repo/gate_rate"] > 0  # rho = 0: every step has gated groups, so every step is a trial
+        modes.append("with_rollouts" if m["repo/rephrase_with_rollouts"] else "separate")
+    assert modes[:4] == ["separate", "with_rollouts", "with_rollouts", "separate"]
+    assert calls[:4] == [2, 1, 1, 2]
+    chosen = t._batching
+    assert chosen in ("separate", "with_rollouts")
+    assert [x for x in t._batching_trials] and len(t._batching_trials) == 4
+    assert modes[4:] == [chosen] * 3 and calls[4:] == [1 if chosen == "with_rollouts" else 2] * 3
+    assert f"repo.rephrase_batching=auto: {chosen}" in capsys.readouterr().err
 
 
 def test_clip_ratio_counts_every_ppo_iteration(tmp_path, tiny_model_dir, tiny_data):

@@ -164,10 +164,10 @@ class RepoConfig:
     rephrase_batching: Literal["auto", "with_rollouts", "separate"] = "auto"
     """Where rephrases are sampled. ``with_rollouts``: the rephrase of every prompt that has an expert
     solution is sampled in the rollout call (one decode loop per step) and only gated groups' are kept.
-    ``separate``: a second call after the gate, for gated groups only. ``auto``: with the rollouts when
-    the rephrase prompts are at most 1.25x as long as the rollout prompts (they pad the whole batch
-    otherwise), else separate. Per-row seeds make the samples the same in every mode. Rephrase
-    sampling settings that differ from the rollout ones always mean ``separate``."""
+    ``separate``: a second call after the gate, for gated groups only. ``auto``: time both on the first
+    four steps with gated groups (separate, with, with, separate) and keep the faster. Per-row seeds make
+    the samples the same in every mode, so the choice changes speed, never results. Rephrase sampling
+    settings that differ from the rollout ones always mean ``separate``."""
 
 
 @dataclass

@@ -55,6 +55,24 @@ def derive_seed(*parts: int) -> int:
     return h & 0x7FFFFFFFFFFFFFFF
 
 
+# Trial order of ``repo.rephrase_batching=auto`` (ABBA, so warm-up favours neither mode).
+BATCHING_TRIALS = ("separate", "with_rollouts", "with_rollouts", "separate")
+
+
+def choose_batching(trials: list[tuple[str, float]]) -> Optional[str]:
+    """The faster rephrase batching mode once every trial of :data:`BATCHING_TRIALS` has a time.
+
+    ``trials`` are ``(mode, seconds of generation + rephrase)`` in the order run. Returns None
+    while trials are missing; ties go to ``separate`` (it samples fewer rows).
+    """
+    if len(trials) < len(BATCHING_TRIALS):
+        return None
+    total = {"separate": 0.0, "with_rollouts": 0.0}
+    for mode, sec in trials[: len(BATCHING_TRIALS)]:
+        total[mode] += sec
+    return "with_rollouts" if total["with_rollouts"] < total["separate"] else "separate"
+
+
 def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     if top_k and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +30,7 @@ from .errors import TrainingError, UserError
 from .logprobs import check_chunkable, completion_logprobs
 from .modeling import apply_lora, eos_token_ids, load_model_and_tokenizer
 from .prompts import PromptRenderer, strip_meta
-from .rollout import HFGenerator, SamplingParams, derive_seed
+from .rollout import BATCHING_TRIALS, HFGenerator, SamplingParams, choose_batching, derive_seed
 from .tracking import JsonlWriter, Trackers, check_writable, truncate_jsonl
 
 # Seed streams, so rollouts, rephrases and eval samples never share random numbers.
@@ -63,6 +64,8 @@ class StepBatch:
     """Rephrases sampled with the rollouts: prompt position -> ``num_attempts`` (ids, token log-probs)."""
     gap_under_p: dict[int, float] = field(default_factory=dict)
     """Injected rephrase rows (flat position) -> log pi(o_rep | P(q, k)), for ``repo/logp_gap``."""
+    batching: str = "separate"
+    """Where this step's rephrases were sampled (``repo.rephrase_batching``)."""
     logp_sums: dict[int, float] = field(default_factory=dict)
     """Flat position -> log pi(o | q) before the update, filled by the update for ``gap_under_p`` rows."""
 
@@ -220,6 +223,9 @@ class Trainer:
                 p.requires_grad_(False)
 
         self._prompt_cache: dict[int, list[int]] = {}
+        # repo.rephrase_batching=auto: (mode, seconds) of the trial steps, then the mode chosen.
+        self._batching_trials: list[tuple[str, float]] = []
+        self._batching = None if cfg.repo.rephrase_batching == "auto" else cfg.repo.rephrase_batching
         self._check_prompt_lengths()
 
         t = cfg.train
@@ -495,16 +501,14 @@ class Trainer:
         params = self._rollout_params()
         rp_rows: list[list[int]] = []
         eligible: list[int] = []
-        mode = cfg.repo.rephrase_batching
-        if spec.injection == "rephrase" and mode != "separate" and self._rephrase_params() == params:
+        batch.batching = "separate"
+        if spec.injection == "rephrase" and self._rephrase_params() == params:
+            batch.batching = self._batching or BATCHING_TRIALS[len(self._batching_trials)]
+        if batch.batching == "with_rollouts":
             # One decode loop for rollouts and rephrases; the gate decides later which are used.
             eligible = [n for n, e in enumerate(batch.examples) if e.solution is not None]
             rp_rows, rp_seeds = self._rephrase_rows(batch, eligible)
-            longest = max((len(r) for r in rp_rows), default=0)
-            if mode == "auto" and rows and longest > 1.25 * max(len(r) for r in rows):
-                rp_rows, eligible = [], []  # the padding would cost more than a second loop
-            else:
-                rows, seeds = rows + rp_rows, seeds + rp_seeds
+            rows, seeds = rows + rp_rows, seeds + rp_seeds
         comps, lps = self._sample(rows, params, seeds, bool(rp_rows) and cfg.repo.log_prob_gap)
         if rp_rows:
             A, base = cfg.repo.num_attempts, len(rows) - len(rp_rows)
@@ -882,6 +886,19 @@ class Trainer:
         for k, v in timings.items():
             m[f"time/{k}"] = v
         m["time/step"] = time.perf_counter() - t_step
+        if spec.injection == "rephrase":
+            m["repo/rephrase_with_rollouts"] = float(batch.batching == "with_rollouts")
+            if self._batching is None and batch.metrics.get("repo/gated", 0) > 0:
+                # A trial counts only when this rank rephrased: the second call is what is timed.
+                self._batching_trials.append((batch.batching, timings["generation"] + timings["rephrase"]))
+                self._batching = choose_batching(self._batching_trials)
+                if self._batching is not None and self.dist.is_main:
+                    secs = {k: sum(t for mm, t in self._batching_trials if mm == k) for k in ("separate", "with_rollouts")}
+                    self._say(
+                        f"repo.rephrase_batching=auto: {self._batching} "
+                        f"(generation + rephrase over 2 trial steps each: separate {secs['separate']:.2f}s, "
+                        f"with rollouts {secs['with_rollouts']:.2f}s)"
+                    )
         self._log_completions(batch, adv, gsize)
         if self.bad_steps_consecutive >= cfg.train.max_bad_steps:
             if self.metrics_log is not None:
@@ -957,6 +974,13 @@ class Trainer:
             out[f"eval/{name}/avg@{cfg.eval.n}"] = float((r >= cfg.repo.delta).float().mean())
             out[f"eval/{name}/pass@1"] = float((r[:, 0] >= cfg.repo.delta).float().mean())
         return out
+
+    @staticmethod
+    def _say(msg: str) -> None:
+        """One line to stderr that does not break a progress bar."""
+        from tqdm.auto import tqdm
+
+        tqdm.write(msg, file=sys.stderr)
 
     # ------------------------------------------------------------------ loop
     def train(self) -> dict[str, Any]:
