@@ -166,8 +166,10 @@ class RepoConfig:
     solution is sampled in the rollout call (one decode loop per step) and only gated groups' are kept.
     ``separate``: a second call after the gate, for gated groups only. ``auto``: time both on the first
     four steps with gated groups (separate, with, with, separate) and keep the faster. Per-row seeds make
-    the samples the same in every mode, so the choice changes speed, never results. Rephrase sampling
-    settings that differ from the rollout ones always mean ``separate``."""
+    the samples the same in every mode, so the choice changes speed, never results (only the diagnostic
+    ``repo/logp_gap`` can differ in its last digits between runs that chose differently). The trials are
+    saved in checkpoints. Rephrase sampling settings that differ from the rollout ones always mean
+    ``separate``."""
 
 
 @dataclass

@@ -354,6 +354,9 @@ class Trainer:
         self.bad_steps_consecutive = int(state.get("bad_steps_consecutive", 0))
         self.first_seen_all_fail = dict(state.get("first_seen_all_fail", {}))
         self.last_solved = dict(state.get("last_solved", {}))
+        if self.cfg.repo.rephrase_batching == "auto":
+            self._batching_trials = [(str(m), float(t)) for m, t in state.get("batching_trials", [])]
+            self._batching = choose_batching(self._batching_trials)
         if self.dist.is_main:
             for name in ("metrics.jsonl", "completions.jsonl"):
                 truncate_jsonl(self.out / name, self.step)
@@ -372,6 +375,7 @@ class Trainer:
             "bad_steps_consecutive": self.bad_steps_consecutive,
             "first_seen_all_fail": self.first_seen_all_fail,
             "last_solved": self.last_solved,
+            "batching_trials": [list(x) for x in self._batching_trials],
             "model_path": self.model_path,
             "world_size": self.dist.world,
         }
@@ -888,9 +892,11 @@ class Trainer:
         m["time/step"] = time.perf_counter() - t_step
         if spec.injection == "rephrase":
             m["repo/rephrase_with_rollouts"] = float(batch.batching == "with_rollouts")
-            if self._batching is None and batch.metrics.get("repo/gated", 0) > 0:
-                # A trial counts only when this rank rephrased: the second call is what is timed.
-                self._batching_trials.append((batch.batching, timings["generation"] + timings["rephrase"]))
+            if self._batching is None and c["repo/gated"] > 0:
+                # A trial counts only when some rank rephrased; every rank records the slowest
+                # rank's time, so all ranks (and a resumed run) make the same choice.
+                sec = max(self.dist.gather(timings["generation"] + timings["rephrase"]))
+                self._batching_trials.append((batch.batching, float(sec)))
                 self._batching = choose_batching(self._batching_trials)
                 if self._batching is not None and self.dist.is_main:
                     secs = {k: sum(t for mm, t in self._batching_trials if mm == k) for k in ("separate", "with_rollouts")}
