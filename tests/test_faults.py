@@ -46,6 +46,8 @@ RUN = {
     "train.prompts_per_step": PROMPTS_PER_STEP,
     "train.threads": 1,
     "repo.num_attempts": 2,
+    # auto chooses by wall time, which two runs need not agree on (it changes logp_gap's last digits)
+    "repo.rephrase_batching": "separate",
 }
 
 SHIM = r'''
@@ -95,7 +97,7 @@ if _SPEC:
     _tr.Trainer.train_step = _patched_train_step
 
     if _POINT == "generate":
-        _generate = _ro.HFGenerator.generate
+        _generate = _ro.HFGenerator._generate  # behind generate and generate_with_logprobs
 
         def _patched_generate(self, *a, **k):
             out = _generate(self, *a, **k)
@@ -103,7 +105,7 @@ if _SPEC:
                 _die("after generation")
             return out
 
-        _ro.HFGenerator.generate = _patched_generate
+        _ro.HFGenerator._generate = _patched_generate
     elif _POINT == "update":
         _aggregate = _tr.alg.aggregate
 
