@@ -213,3 +213,30 @@ def test_bf16_greedy_matches_generate_and_sees_weight_updates(varied_model):
     after = ours()
     assert after == reference(model)
     assert after != before
+
+
+def test_bucketed_prefill_changes_no_sample(varied_model):
+    """Short and long prompts in one call are prefilled in separate length buckets whose KV
+    caches are padded and stacked; samples and log-probs must equal a single padded prefill
+    and each row generated alone."""
+    model, tok = varied_model
+    short = [tok(p)["input_ids"] for p in ["hi", "z", "ok?"]]
+    long_ = [tok("a much longer prompt, " * k)["input_ids"] for k in (3, 4)]
+    ids = short + long_ + short
+    assert len(HFGenerator._buckets([len(p) for p in ids])) >= 2
+    seeds = list(range(40, 40 + len(ids)))
+    for params in (SamplingParams(12, temperature=0.0), SamplingParams(12, temperature=1.0)):
+        bucketed = HFGenerator(model, [tok.eos_token_id], tok.pad_token_id)
+        padded = HFGenerator(model, [tok.eos_token_id], tok.pad_token_id, bucket_prefill=False)
+        a, alp = bucketed.generate_with_logprobs(ids, params, seeds)
+        b, blp = padded.generate_with_logprobs(ids, params, seeds)
+        alone = [padded.generate([p], params, [s])[0] for p, s in zip(ids, seeds)]
+        assert a == b == alone
+        for x, y in zip(alp, blp):
+            assert torch.allclose(torch.tensor(x), torch.tensor(y), atol=1e-5)
+
+
+def test_length_buckets():
+    # each bucket's longest prompt is at most 1.5x its shortest; indices keep their identity
+    assert HFGenerator._buckets([10, 3, 4, 100, 11, 14]) == [[1, 2], [0, 4, 5], [3]]
+    assert HFGenerator._buckets([5, 5, 7]) == [[0, 1, 2]]
