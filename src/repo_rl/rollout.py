@@ -110,7 +110,8 @@ def _preallocated_layer(capacity: int):
             t = key_states.shape[-2]
             if self._k is None or self._n + t > self._k.shape[-2]:
                 B, H, _, D = key_states.shape
-                cap = max(capacity, 2 * (self._n + t))
+                need = self._n + t
+                cap = max(capacity, need if self._k is None else 2 * need)
                 k = key_states.new_empty(B, H, cap, D)
                 v = value_states.new_empty(B, value_states.shape[1], cap, value_states.shape[-1])
                 if self._k is not None:
@@ -334,7 +335,7 @@ class HFGenerator:
         buckets = self._buckets([len(p) for p in prompts]) if self.bucket_prefill else [rows_all]
         if len(buckets) == 1:
             return self._prefill_one(prompts, rows_all, L + T, extra)
-        parts = [(rows, *self._prefill_one(prompts, rows, L + T, extra)) for rows in buckets]
+        parts = [(rows, *self._prefill_one(prompts, rows, 0, extra)) for rows in buckets]  # copied below
         if not all(hasattr(c, "layers") and all(hasattr(x, "keys") for x in c.layers) for _, c, _ in parts):
             return self._prefill_one(prompts, rows_all, L + T, extra)  # caches we cannot stack
         B = len(prompts)
