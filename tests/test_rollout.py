@@ -240,3 +240,20 @@ def test_length_buckets():
     # each bucket's longest prompt is at most 1.5x its shortest; indices keep their identity
     assert HFGenerator._buckets([10, 3, 4, 100, 11, 14]) == [[1, 2], [0, 4, 5], [3]]
     assert HFGenerator._buckets([5, 5, 7]) == [[0, 1, 2]]
+
+
+def test_preallocated_kv_layer_equals_concatenation_and_grows():
+    from repo_rl.rollout import _new_cache
+
+    g = torch.Generator().manual_seed(0)
+    cache = _new_cache(5)
+    ref_k = ref_v = None
+    for t in (3, 1, 1, 4, 1):  # fills the 5 slots, then must grow
+        k, v = torch.randn(2, 3, t, 4, generator=g), torch.randn(2, 3, t, 4, generator=g)
+        ref_k = k if ref_k is None else torch.cat([ref_k, k], -2)
+        ref_v = v if ref_v is None else torch.cat([ref_v, v], -2)
+        got_k, got_v = cache.update(k, v, 0)
+        assert torch.equal(got_k, ref_k) and torch.equal(got_v, ref_v)
+    assert cache.get_seq_length() == 10
+    cache.batch_select_indices(torch.tensor([1]))
+    assert torch.equal(cache.layers[0].keys, ref_k[1:]) and cache.get_seq_length() == 10
