@@ -736,6 +736,9 @@ class Trainer:
             grad_norms.append(gn)
             stats["loss"] += loss_total / a.num_iterations
             self.optimizer.step()
+            # Free the gradients now rather than at the next zero_grad: they are a model-sized
+            # buffer that would otherwise sit through the next step's generation.
+            self.optimizer.zero_grad(set_to_none=True)
         if not skipped:
             self.scheduler.step()
         timings["update"] = time.perf_counter() - t0
