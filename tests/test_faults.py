@@ -424,7 +424,7 @@ def test_kill_and_resume_equals_the_uninterrupted_run(sc, world, reference, tmp_
 
 def test_kill_before_the_first_checkpoint_then_resume(world, reference, tmp_path):
     """Killed in step 2, before any checkpoint: metrics.jsonl already holds step 1. ``--resume``
-    finds no checkpoint and starts over, but today it keeps the old rows, so step 1 is logged twice."""
+    finds no checkpoint and starts over; it must drop the old rows (a past bug logged step 1 twice)."""
     out = tmp_path / "run"
     p = cli(world, out, fault=f"generate@{SAVE_EVERY}")
     assert p.returncode == -signal.SIGKILL, p.stderr[-800:]
@@ -472,7 +472,7 @@ def test_all_equal_reward_groups_give_zero_advantage_not_nan(scale, tmp_path, ti
 
 def test_non_finite_rewards_are_left_out_and_counted(tmp_path, tiny_model_dir, tiny_data):
     """inf, -inf and NaN from a reward are all verifier failures: out of the loss and counted
-    in rewards/invalid. Today only NaN is counted; +-inf are dropped from the loss silently."""
+    in rewards/invalid (a past bug counted only NaN and dropped +-inf from the loss silently)."""
     over = tiny_overrides(tiny_model_dir, tiny_data, **{"train.max_steps": 2, "train.threads": 1, "algorithm.method": "grpo",
                                                         "reward.funcs": "[tests.helpers.fault_rewards:some_nonfinite]"})
     assert _train(tmp_path, "nf", over) == 0

@@ -258,7 +258,7 @@ def test_ten_megabyte_row_is_a_clear_error_before_training(tmp_path, tiny_model_
     prompt that cannot fit the model's context next to ``algorithm.max_completion_length``
     (or exceeds ``data.max_prompt_length`` when set) is a data error naming the row, raised
     before the first step; it is never truncated silently. Run as a real process with an
-    8 GiB address-space limit: today it tokenizes 8M tokens and dies in the embedding."""
+    8 GiB address-space limit (a past bug tokenized all 8M tokens and died in the embedding)."""
     data = _huge_row_file(tmp_path)
     case = {"id": "ten_mb_row", "data": str(data), "expect": ["huge"]}
     out = tmp_path / "out"
@@ -271,7 +271,7 @@ def test_ten_megabyte_row_is_a_clear_error_before_training(tmp_path, tiny_model_
 
 @pytest.mark.slow
 def test_ten_megabyte_row_over_max_prompt_length_is_a_clear_error(tmp_path, tiny_model_dir, capsys):
-    """With ``data.max_prompt_length`` set the row is refused today, after tokenizing all 10 MB
+    """With ``data.max_prompt_length`` set the row is refused, after tokenizing all 10 MB
     (about 20 s on 2 cores). Slow: ``python -m pytest -m slow tests/test_reliability.py``."""
     data = _huge_row_file(tmp_path)
     out = tmp_path / "out"
@@ -470,8 +470,8 @@ def test_rollout_seeds_do_not_depend_on_the_batch(tmp_path, tiny_model_dir, tiny
 
 def test_rephrase_seeds_do_not_depend_on_the_batch(tmp_path, tiny_model_dir, tiny_data):
     """Same property for rephrase samples (repo.rho=0 gates every group with a solution).
-    Today the rephrase seed uses the prompt's position in the batch instead of its occurrence,
-    so changing prompts_per_step changes the rephrase samples of the same prompt at the same step."""
+    A past bug seeded rephrases by the prompt's position in the batch instead of its occurrence,
+    so changing prompts_per_step changed the rephrase samples of the same prompt at the same step."""
     maps = {}
     for pps in (2, 3):
         _, log = _seed_log(tmp_path, tiny_model_dir, tiny_data, pps, 2,
