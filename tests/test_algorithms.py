@@ -22,6 +22,7 @@ from repo_rl.algorithms import (
     assign_candidates,
     clipped_surrogate,
     compose_groups,
+    layout_candidates,
     entropy_from_logits,
     failure_fraction,
     gate,
@@ -757,6 +758,42 @@ def test_assign_candidates_more_slots_than_attempts():
     assert ok.tolist() == [[True, False, False], [True, False, False]]
     _, ok = assign_candidates(v, 3, allow_unverified=True)
     assert ok.tolist() == [[True, True, False], [True, True, False]]
+
+
+def test_layout_candidates_hand():
+    # N = 4 groups; groups 3 and 1 gated (in that order), A = 2 attempts each, k = 2 slots.
+    # attempt rewards: gated row 0 (group 3) -> [0.1, 0.9]; gated row 1 (group 1) -> [0.7, 0.2]
+    gated = torch.tensor([3, 1])
+    choice = torch.tensor([[1, 0], [0, 1]])
+    ok = torch.tensor([[True, False], [True, True]])
+    r = torch.tensor([0.1, 0.9, 0.7, 0.2])
+    rew, acc, att = layout_candidates(gated, choice, ok, r, num_groups=4, attempts=2)
+    # group 3 takes attempts 1 and 0 (flat 1, 0); group 1 takes attempts 0 and 1 (flat 2, 3)
+    assert att.tolist() == [[0, 0], [2, 3], [0, 0], [1, 0]]
+    assert rew.tolist() == [[0.0, 0.0], pytest.approx([0.7, 0.2]), [0.0, 0.0], pytest.approx([0.9, 0.1])]
+    assert acc.tolist() == [[False, False], [True, True], [False, False], [True, False]]
+    rew64, _, _ = layout_candidates(gated, choice, ok, r, 4, 2, dtype=torch.float64)
+    assert rew64.dtype == torch.float64
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("N,A,k", [(1, 1, 1), (5, 3, 2), (6, 4, 3)])
+def test_layout_candidates_matches_loop(seed, N, A, k):
+    g = torch.Generator().manual_seed(seed)
+    M = int(torch.randint(1, N + 1, (), generator=g))
+    gated = torch.randperm(N, generator=g)[:M]
+    choice = torch.randint(0, A, (M, k), generator=g)
+    ok = torch.rand(M, k, generator=g) < 0.5
+    r = torch.rand(M * A, generator=g, dtype=torch.float64)
+    rew, acc, att = layout_candidates(gated, choice, ok, r, N, A, dtype=torch.float32)
+    e_rew, e_acc, e_att = torch.zeros(N, k), torch.zeros(N, k, dtype=torch.bool), torch.zeros(N, k, dtype=torch.long)
+    for row, n in enumerate(gated.tolist()):
+        for j in range(k):
+            c = row * A + int(choice[row, j])
+            e_rew[n, j] = r[c]
+            e_acc[n, j] = bool(ok[row, j])
+            e_att[n, j] = c
+    assert torch.equal(rew, e_rew) and torch.equal(acc, e_acc) and torch.equal(att, e_att)
 
 
 @pytest.mark.parametrize("seed", SEEDS)

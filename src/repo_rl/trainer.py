@@ -612,15 +612,8 @@ class Trainer:
 
         # Lay candidates out as [N, k] for the pure composition function.
         slots = alg.replacement_slots(R, k)
-        cand_rewards = torch.zeros(N, k, dtype=R.dtype)
-        accept = torch.zeros(N, k, dtype=torch.bool)
-        pool_extra: list[int] = [0] * (N * k)  # pool position -> candidate index
-        for row, n in enumerate(gidx):
-            for j in range(k):
-                c = row * A + int(choice[row, j])
-                cand_rewards[n, j] = cand_r[c]
-                accept[n, j] = bool(ok[row, j])
-                pool_extra[n * k + j] = c
+        cand_rewards, accept, attempt = alg.layout_candidates(torch.tensor(gidx), choice, ok, cand_r, N, A, dtype=R.dtype)
+        pool_extra = attempt.view(-1).tolist()  # pool position -> candidate index
         new_R, origin, source = alg.compose_groups(R, slots, cand_rewards, accept, alg.ORIGIN_EXPERT if spec.injection == "expert" else alg.ORIGIN_REPHRASED)
         seqs, texts = list(batch.sequences), list(batch.texts)
         injected: list[tuple[int, int]] = []  # (flat position, candidate index)

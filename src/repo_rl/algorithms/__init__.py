@@ -11,6 +11,7 @@ from .groups import (
     compose_groups,
     failure_fraction,
     gate,
+    layout_candidates,
     replacement_slots,
 )
 from .losses import (
@@ -51,6 +52,7 @@ __all__ = [
     "group_advantages",
     "group_reward_stats",
     "kl_k3",
+    "layout_candidates",
     "masked_mean",
     "register_method",
     "replacement_slots",

@@ -103,3 +103,39 @@ def assign_candidates(verified: torch.Tensor, k: int, allow_unverified: bool = F
         choice = torch.cat([choice, pad], 1)
         ok = torch.cat([ok, torch.zeros(N, k - kk, dtype=torch.bool, device=v.device)], 1)
     return choice, ok
+
+
+def layout_candidates(
+    gated_rows: torch.Tensor,
+    choice: torch.Tensor,
+    accept: torch.Tensor,
+    attempt_rewards: torch.Tensor,
+    num_groups: int,
+    attempts: int,
+    dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Lay the chosen attempts of the gated groups out per group, for :func:`compose_groups`.
+
+    Args:
+        gated_rows: ``[M]`` group index of each gated group, in the order its attempts were made.
+        choice, accept: ``[M, k]`` from :func:`assign_candidates`.
+        attempt_rewards: ``[M * attempts]`` rewards; attempt ``a`` of gated row ``r`` is at
+            ``r * attempts + a``.
+        num_groups: N, the number of groups in the step.
+        dtype: dtype of the returned rewards (default: ``attempt_rewards.dtype``).
+
+    Returns ``(rewards [N, k], accept [N, k], attempt [N, k])``: ``attempt[n, j]`` is the index
+    into ``attempt_rewards`` of candidate ``(n, j)``. Groups that were not gated get reward 0,
+    no acceptance and attempt 0.
+    """
+    M, k = choice.shape
+    dev = attempt_rewards.device
+    rows = gated_rows.to(dev, torch.long)
+    flat = torch.arange(M, device=dev).unsqueeze(1) * attempts + choice.to(dev)
+    rewards = torch.zeros(num_groups, k, dtype=dtype or attempt_rewards.dtype, device=dev)
+    acc = torch.zeros(num_groups, k, dtype=torch.bool, device=dev)
+    attempt = torch.zeros(num_groups, k, dtype=torch.long, device=dev)
+    rewards[rows] = attempt_rewards[flat].to(rewards.dtype)
+    acc[rows] = accept.to(dev, torch.bool)
+    attempt[rows] = flat
+    return rewards, acc, attempt

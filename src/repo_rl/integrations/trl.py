@@ -89,6 +89,7 @@ from ..algorithms.groups import (  # noqa: E402
     assign_candidates,
     compose_groups,
     gate,
+    layout_candidates,
     replacement_slots,
 )
 from ..config import RepoConfig  # noqa: E402
@@ -505,15 +506,8 @@ class RepoRolloutFunc:
                 choice, ok = assign_candidates(verified, k, self.allow_unverified)
                 k = choice.shape[1]
                 slots = replacement_slots(R, k)
-                cand_rewards = torch.zeros(N, k, dtype=R.dtype)
-                accept = torch.zeros(N, k, dtype=torch.bool)
-                pool: list[int] = [0] * (N * k)  # candidate pool position -> attempt index
-                for r, n in enumerate(gidx):
-                    for j in range(k):
-                        c = r * A + int(choice[r, j])
-                        cand_rewards[n, j] = cand_R[c]
-                        accept[n, j] = bool(ok[r, j])
-                        pool[n * k + j] = c
+                cand_rewards, accept, attempt = layout_candidates(torch.tensor(gidx), choice, ok, cand_R, N, A, dtype=R.dtype)
+                pool = attempt.view(-1).tolist()  # candidate pool position -> attempt index
                 new_R, origin_codes, source = compose_groups(R, slots, cand_rewards, accept, ORIGIN_REPHRASED)
                 injected: list[tuple[int, int]] = []
                 for flat, src in enumerate(source.view(-1).tolist()):
