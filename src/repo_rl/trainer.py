@@ -60,8 +60,8 @@ class StepBatch:
     origins: torch.Tensor = None  # type: ignore[assignment]  # [N*G]
     dropped: torch.Tensor = None  # type: ignore[assignment]  # [N*G] rows left out of the loss
     metrics: dict[str, float] = field(default_factory=dict)
-    rephrase_pool: Optional[dict[int, list[tuple[list[int], list[float]]]]] = None
-    """Rephrases sampled with the rollouts: prompt position -> ``num_attempts`` (ids, token log-probs)."""
+    rephrase_pool: Optional[dict[int, list[tuple[list[int], list[int], list[float]]]]] = None
+    """Rephrases sampled with the rollouts: prompt position -> ``num_attempts`` (prompt ids, ids, token log-probs)."""
     gap_under_p: dict[int, float] = field(default_factory=dict)
     """Injected rephrase rows (flat position) -> log pi(o_rep | P(q, k)), for ``repo/logp_gap``."""
     batching: str = "separate"
@@ -517,7 +517,7 @@ class Trainer:
         if rp_rows:
             A, base = cfg.repo.num_attempts, len(rows) - len(rp_rows)
             batch.rephrase_pool = {
-                n: [(comps[base + i * A + a], lps[base + i * A + a] if lps is not None else []) for a in range(A)]
+                n: [(rows[base + i * A + a], comps[base + i * A + a], lps[base + i * A + a] if lps is not None else []) for a in range(A)]
                 for i, n in enumerate(eligible)
             }
             rows, comps = rows[:base], comps[:base]
@@ -544,7 +544,7 @@ class Trainer:
         eligible = torch.tensor([e.solution is not None for e in batch.examples])
         gated = self._gated(spec, R, eligible)
         # Counters (summed across ranks, turned into rates by train_step).
-        for key in ("attempts", "verified", "replaced", "positive", "gap_sum", "gap_n"):
+        for key in ("attempts", "verified", "replaced", "positive"):
             m[f"repo/{key}"] = 0.0
         m["repo/groups"] = float(N)
         m["repo/gated"] = float(gated.sum())
@@ -561,9 +561,7 @@ class Trainer:
         if spec.injection == "rephrase":
             params = self._rephrase_params()
             if batch.rephrase_pool is not None:  # sampled with the rollouts
-                rows = self._rephrase_rows(batch, gidx)[0]
-                outs = [batch.rephrase_pool[n][a][0] for n in gidx for a in range(A)]
-                lps = [batch.rephrase_pool[n][a][1] for n in gidx for a in range(A)]
+                rows, outs, lps = (list(x) for x in zip(*(batch.rephrase_pool[n][a] for n in gidx for a in range(A))))
             else:
                 rows, seeds = self._rephrase_rows(batch, gidx)
                 outs, lps = self._sample(rows, params, seeds, cfg.repo.log_prob_gap)  # all gated groups in one call
@@ -812,7 +810,7 @@ class Trainer:
         else:
             self._sft_batch(batch)
             rewards = batch.rewards
-            for key in ("groups", "gated", "attempts", "verified", "replaced", "positive", "gap_sum", "gap_n"):
+            for key in ("groups", "gated", "attempts", "verified", "replaced", "positive"):
                 batch.metrics[f"repo/{key}"] = 0.0
 
         # Everything below that mixes groups uses the global batch, gathered in rank order.
