@@ -9,6 +9,7 @@ batch it was generated in. With ``temperature=0`` it is greedy decoding and matc
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 from dataclasses import dataclass
 from typing import Any, Optional, Protocol, Sequence
@@ -87,19 +88,22 @@ def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tens
     return logits
 
 
-def _preallocated_layer(capacity: int):
+@functools.lru_cache(maxsize=None)
+def _preallocated_layer_class() -> type:
     """A transformers ``DynamicLayer`` that writes new keys/values into preallocated buffers.
 
     The stock layer grows by ``torch.cat`` at every decode step, copying the whole cache each
     time; with long prompts that copy costs more than the step's compute on CPU. This layer
     keeps ``capacity`` positions and returns views of the filled part (it grows by doubling if
-    a call needs more).
+    a call needs more). Built once, on first use, so importing this module does not import
+    transformers.
     """
     from transformers.cache_utils import DynamicLayer
 
     class PreallocatedLayer(DynamicLayer):
-        def __init__(self) -> None:
+        def __init__(self, capacity: int) -> None:
             super().__init__()
+            self.capacity = capacity
             self._k: Optional[torch.Tensor] = None
             self._v: Optional[torch.Tensor] = None
             self._n = 0
@@ -111,7 +115,7 @@ def _preallocated_layer(capacity: int):
             if self._k is None or self._n + t > self._k.shape[-2]:
                 B, H, _, D = key_states.shape
                 need = self._n + t
-                cap = max(capacity, need if self._k is None else 2 * need)
+                cap = max(self.capacity, need if self._k is None else 2 * need)
                 k = key_states.new_empty(B, H, cap, D)
                 v = value_states.new_empty(B, value_states.shape[1], cap, value_states.shape[-1])
                 if self._k is not None:
@@ -133,10 +137,11 @@ def _preallocated_layer(capacity: int):
 
 
 def _new_cache(capacity: int):
+    """An empty ``DynamicCache`` whose layers preallocate ``capacity`` positions."""
     from transformers import DynamicCache
 
     cache = DynamicCache()
-    cache.layer_class_to_replicate = _preallocated_layer(capacity)
+    cache.layer_class_to_replicate = functools.partial(_preallocated_layer_class(), capacity)
     return cache
 
 
