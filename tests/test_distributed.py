@@ -34,10 +34,8 @@ def _env():
     return dict(os.environ, PYTHONPATH=f"{ROOT / 'src'}:{ROOT}", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
 
 
-def _train(tmp_path, out, model, data, steps, procs, *extra):
-    over = dict(OVERRIDES, **{"model.name_or_path": model, "data.train_files": data, "train.max_steps": steps})
-    args = ["-m", "repo_rl.cli", "train", "--config", str(tmp_path / "c.yaml"), "-o", str(tmp_path / out), *extra]
-    args += [f"{k}={v}" for k, v in over.items()]
+def _launch(args: list[str], procs: int) -> None:
+    """Run ``python ARGS`` in one process, or under ``accelerate launch`` with ``procs`` gloo processes."""
     if procs == 1:
         cmd = [sys.executable, *args]
     else:
@@ -45,6 +43,13 @@ def _train(tmp_path, out, model, data, steps, procs, *extra):
                str(ROOT / "configs" / "accelerate" / "multi_cpu.yaml"), "--num_processes", str(procs), *args]
     proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def _train(tmp_path, out, model, data, steps, procs, *extra):
+    over = dict(OVERRIDES, **{"model.name_or_path": model, "data.train_files": data, "train.max_steps": steps})
+    args = ["-m", "repo_rl.cli", "train", "--config", str(tmp_path / "c.yaml"), "-o", str(tmp_path / out), *extra]
+    args += [f"{k}={v}" for k, v in over.items()]
+    _launch(args, procs)
     return tmp_path / out
 
 
@@ -77,13 +82,7 @@ def setup(tmp_path, tiny_model_dir, tiny_data):
 def _step(tmp_path, out, model, data, procs):
     over = dict(OVERRIDES, **{"model.name_or_path": model, "data.train_files": data, "train.max_steps": 1})
     script = [str(ROOT / "tests" / "helpers" / "dp_step.py"), str(tmp_path / out)] + [f"{k}={v}" for k, v in over.items()]
-    if procs == 1:
-        cmd = [sys.executable, *script]
-    else:
-        cmd = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--config_file",
-               str(ROOT / "configs" / "accelerate" / "multi_cpu.yaml"), "--num_processes", str(procs), *script]
-    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _launch(script, procs)
     return torch.load(tmp_path / out / "grads.pt", weights_only=True), json.loads((tmp_path / out / "metrics.json").read_text())
 
 
