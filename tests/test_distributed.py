@@ -1,4 +1,8 @@
-"""Two CPU processes (gloo) through ``accelerate launch`` match one process on the same global batch."""
+"""Two CPU processes (gloo) through ``accelerate launch`` match one process on the same global batch.
+
+Both shipped ways to hold the model are run for real: data parallel (``multi_cpu.yaml``) and
+FSDP2 (``fsdp.yaml``, the same file a GPU machine uses, with ``--num_processes 2``).
+"""
 
 from __future__ import annotations
 
@@ -34,22 +38,22 @@ def _env():
     return dict(os.environ, PYTHONPATH=f"{ROOT / 'src'}:{ROOT}", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
 
 
-def _launch(args: list[str], procs: int) -> None:
+def _launch(args: list[str], procs: int, config: str = "multi_cpu") -> None:
     """Run ``python ARGS`` in one process, or under ``accelerate launch`` with ``procs`` gloo processes."""
     if procs == 1:
         cmd = [sys.executable, *args]
     else:
         cmd = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--config_file",
-               str(ROOT / "configs" / "accelerate" / "multi_cpu.yaml"), "--num_processes", str(procs), *args]
+               str(ROOT / "configs" / "accelerate" / f"{config}.yaml"), "--num_processes", str(procs), *args]
     proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
-def _train(tmp_path, out, model, data, steps, procs, *extra):
+def _train(tmp_path, out, model, data, steps, procs, *extra, config="multi_cpu"):
     over = dict(OVERRIDES, **{"model.name_or_path": model, "data.train_files": data, "train.max_steps": steps})
     args = ["-m", "repo_rl.cli", "train", "--config", str(tmp_path / "c.yaml"), "-o", str(tmp_path / out), *extra]
     args += [f"{k}={v}" for k, v in over.items()]
-    _launch(args, procs)
+    _launch(args, procs, config)
     return tmp_path / out
 
 
@@ -79,10 +83,10 @@ def setup(tmp_path, tiny_model_dir, tiny_data):
     return tmp_path, str(tiny_model_dir), str(tiny_data)
 
 
-def _step(tmp_path, out, model, data, procs):
-    over = dict(OVERRIDES, **{"model.name_or_path": model, "data.train_files": data, "train.max_steps": 1})
+def _step(tmp_path, out, model, data, procs, config="multi_cpu", **extra):
+    over = dict(OVERRIDES, **{"model.name_or_path": model, "data.train_files": data, "train.max_steps": 1}, **extra)
     script = [str(ROOT / "tests" / "helpers" / "dp_step.py"), str(tmp_path / out)] + [f"{k}={v}" for k, v in over.items()]
-    _launch(script, procs)
+    _launch(script, procs, config)
     return torch.load(tmp_path / out / "grads.pt", weights_only=True), json.loads((tmp_path / out / "metrics.json").read_text())
 
 
@@ -122,23 +126,134 @@ def test_prompts_per_step_must_split_over_processes(setup):
     assert "train.prompts_per_step=3" in proc.stderr and "multiple of the 2 processes" in proc.stderr
 
 
+# ------------------------------------------------------------------------------------- FSDP
+FSDP_CASES = {
+    "repo": {},
+    # a KL term: the reference model is sharded too
+    "kl": {"algorithm.beta": 0.1},
+    # SFT drops the prompt without a solution, so the ranks have 3 and 2 micro-batches and
+    # the shorter rank runs a zero-weight filler pass to keep FSDP's collectives matched
+    "uneven": {"algorithm.method": "sft", "train.micro_batch_size": 1, "train.prompts_per_step": 6, "data.shuffle": "false"},
+}
+
+
+@pytest.mark.parametrize("case", sorted(FSDP_CASES))
+def test_fsdp_two_processes_give_the_loss_and_gradient_of_one(setup, case):
+    tmp_path, model, data = setup
+    g1, m1 = _step(tmp_path, "one", model, data, 1, **FSDP_CASES[case])
+    g2, m2 = _step(tmp_path, "fsdp", model, data, 2, config="fsdp", **FSDP_CASES[case])
+    _close(m1, m2)
+    assert g1.keys() == g2.keys() and g1
+    assert any(float(g.abs().max()) > 0 for g in g1.values())
+    for k in g1:
+        assert torch.allclose(g1[k], g2[k], atol=1e-6, rtol=1e-4), k
+
+
+def test_fsdp_resume_equals_uninterrupted_fsdp_run(setup):
+    tmp_path, model, data = setup
+    full = _train(tmp_path, "full", model, data, 4, 2, config="fsdp")
+    part = _train(tmp_path, "part", model, data, 2, 2, config="fsdp")
+    _train(tmp_path, "part", model, data, 4, 2, "--resume", config="fsdp")
+    assert _metrics(full) == _metrics(part)
+    wf, wp = _weights(full, 4), _weights(part, 4)
+    assert wf.keys() == wp.keys()
+    for k in wf:
+        assert torch.equal(wf[k], wp[k]), k
+
+
+@pytest.mark.parametrize("first,then", [("fsdp", "multi_cpu"), ("multi_cpu", "fsdp")])
+def test_checkpoints_resume_under_the_other_launcher(setup, first, then):
+    """Checkpoints hold full weights and name-keyed optimizer state: FSDP and DDP read each other's."""
+    tmp_path, model, data = setup
+    ref = _train(tmp_path, "ref", model, data, 3, 2)  # data parallel throughout
+    run = _train(tmp_path, "run", model, data, 2, 2, config=first)
+    _train(tmp_path, "run", model, data, 3, 2, "--resume", config=then)
+    assert [r["step"] for r in _metrics(run)] == [1, 2, 3]
+    for a, b in zip(_metrics(ref), _metrics(run)):
+        _close(a, b)
+    wr, wx = _weights(ref, 3), _weights(run, 3)
+    for k in wr:
+        assert torch.allclose(wr[k], wx[k], atol=1e-5), k
+    state = json.loads((run / "checkpoints" / "step-3" / "trainer_state.json").read_text())
+    assert state["step"] == 3
+
+
+# ---------------------------------------------------------------------------------- configs
 @pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs" / "accelerate").glob("*.yaml")))
 def test_accelerate_configs_are_valid(name):
-    """Each shipped accelerate config loads with accelerate's own config class and is data parallel."""
+    """Each shipped config loads with accelerate's own config class, and repo-rl accepts its launch environment."""
     from accelerate.commands.config.config_args import ClusterConfig
+
+    from repo_rl.distributed import FsdpSettings, _check_launcher_env
 
     path = ROOT / "configs" / "accelerate" / name
     raw = yaml.safe_load(path.read_text())
     cfg = ClusterConfig.from_yaml_file(str(path))
-    assert str(cfg.distributed_type).split(".")[-1] == "MULTI_GPU"  # the torchrun launcher
+    kind = str(cfg.distributed_type).split(".")[-1]
+    assert kind in ("MULTI_GPU", "FSDP", "DEEPSPEED")  # torchrun-based launchers
     assert cfg.num_processes >= 2 and cfg.num_processes % cfg.num_machines == 0
     assert raw["mixed_precision"] == "no"  # precision is repo-rl's train.bf16, not accelerate's
+    env = _launch_env(path)
+    _check_launcher_env(env)
+    fsdp = FsdpSettings.from_env(env)
+    assert (fsdp is not None) == (kind == "FSDP")
 
 
-def test_fsdp_and_deepspeed_launches_are_refused_clearly(monkeypatch):
+def _launch_env(path: Path) -> dict[str, str]:
+    """The environment ``accelerate launch --config_file PATH`` gives the training processes."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    import socket
+
+    with socket.socket() as sock:  # the config's own port may be taken on a shared test machine
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    args = launch_command_parser().parse_args(["--config_file", str(path), "--main_process_port", str(port), "train.py"])
+    args, _, _ = _validate_launch_command(args)
+    return prepare_multi_gpu_env(args)
+
+
+def test_fsdp_settings_from_the_launch_environment():
+    from repo_rl.distributed import FsdpSettings
+    from repo_rl.errors import UserError
+
+    env = _launch_env(ROOT / "configs" / "accelerate" / "fsdp.yaml")
+    s = FsdpSettings.from_env(env)
+    assert s == FsdpSettings(reshard_after_forward=True, wrap_classes=(), wrap=True, activation_checkpointing=False)
+    assert FsdpSettings.from_env({}) is None
+    assert FsdpSettings.from_env(dict(env, FSDP_TRANSFORMER_CLS_TO_WRAP="A, B")).wrap_classes == ("A", "B")
+    assert FsdpSettings.from_env(dict(env, FSDP_AUTO_WRAP_POLICY="NO_WRAP")).wrap is False
+    assert FsdpSettings.from_env(dict(env, FSDP_RESHARD_AFTER_FORWARD="false")).reshard_after_forward is False
+    assert FsdpSettings.from_env(dict(env, FSDP_ACTIVATION_CHECKPOINTING="true")).activation_checkpointing is True
+    for key, value, match in [
+        ("FSDP_VERSION", "1", "fsdp_version=1: repo-rl uses FSDP2"),
+        ("FSDP_OFFLOAD_PARAMS", "true", "fsdp_offload_params=true: not supported"),
+        ("FSDP_AUTO_WRAP_POLICY", "SIZE_BASED_WRAP", "fsdp_auto_wrap_policy=SIZE_BASED_WRAP"),
+    ]:
+        with pytest.raises(UserError, match=match):
+            FsdpSettings.from_env(dict(env, **{key: value}))
+
+
+def test_deepspeed_and_accelerate_mixed_precision_are_refused_clearly(monkeypatch):
     from repo_rl.distributed import Dist
     from repo_rl.errors import UserError
 
-    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    with pytest.raises(UserError, match="FSDP: not supported yet"):
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(UserError, match="DeepSpeed: not supported yet"):
         Dist()
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    with pytest.raises(UserError, match="mixed_precision=bf16: set mixed_precision: 'no'"):
+        Dist()
+
+
+def test_fsdp_launch_with_lora_is_refused(setup):
+    tmp_path, model, data = setup
+    over = dict(OVERRIDES, **{"model.name_or_path": model, "data.train_files": data, "train.max_steps": 1, "model.lora.r": 4})
+    cmd = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--config_file", str(ROOT / "configs" / "accelerate" / "fsdp.yaml"),
+           "--num_processes", "2", "-m", "repo_rl.cli", "train", "--config", str(tmp_path / "c.yaml"), "-o", str(tmp_path / "bad")]
+    cmd += [f"{k}={v}" for k, v in over.items()]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "model.lora.r with an FSDP launch: not supported" in proc.stderr

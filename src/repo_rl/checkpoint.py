@@ -59,17 +59,26 @@ def save_checkpoint(
     scheduler: Any,
     trainer_state: dict[str, Any],
     keep: Optional[int] = None,
+    model_state: Optional[dict[str, torch.Tensor]] = None,
+    optimizer_state: Optional[dict[str, Any]] = None,
 ) -> Path:
-    """Write ``root/step-{step}`` atomically and prune old checkpoints to ``keep``."""
+    """Write ``root/step-{step}`` atomically and prune old checkpoints to ``keep``.
+
+    ``model_state`` and ``optimizer_state`` replace ``model.state_dict()`` and
+    ``optimizer.state_dict()`` (used for the gathered state of a sharded model).
+    """
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step}"
     tmp = root / f".tmp-step-{step}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    model.save_pretrained(tmp, safe_serialization=True)
+    if model_state is None:
+        model.save_pretrained(tmp, safe_serialization=True)
+    else:
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=model_state)
     tokenizer.save_pretrained(tmp)
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(optimizer.state_dict() if optimizer_state is None else optimizer_state, tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     torch.save(rng_state(), tmp / "rng.pt")
     (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=1, sort_keys=True))
@@ -120,12 +129,45 @@ def clean_partial(root: Path) -> int:
     return n
 
 
-def load_training_state(ckpt: Path, optimizer: torch.optim.Optimizer, scheduler: Any) -> dict[str, Any]:
-    """Load optimizer, scheduler and RNG state (no pickled code) and return the trainer state."""
-    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+def load_training_state(ckpt: Path, optimizer: torch.optim.Optimizer, scheduler: Any, model: Any = None) -> dict[str, Any]:
+    """Load optimizer, scheduler and RNG state (no pickled code) and return the trainer state.
+
+    The optimizer state is either ``optimizer.state_dict()`` (keyed by parameter index) or
+    the name-keyed full state a sharded run saves; the latter needs ``model``.
+    """
+    opt_state = torch.load(ckpt / "optimizer.pt", weights_only=True)
+    if any(isinstance(k, str) for k in opt_state.get("state", {})) or any(
+        isinstance(p, str) for g in opt_state.get("param_groups", []) for p in g.get("params", [])
+    ):
+        from .distributed import load_named_optimizer_state
+
+        if model is None:
+            raise ValueError(f"{ckpt}: a name-keyed optimizer state needs the model to load")
+        load_named_optimizer_state(model, optimizer, opt_state)
+    elif model is not None and _is_sharded(model):
+        from .distributed import load_named_optimizer_state
+
+        load_named_optimizer_state(model, optimizer, _index_to_name_keys(opt_state, model))
+    else:
+        optimizer.load_state_dict(opt_state)
     scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
     set_rng_state(torch.load(ckpt / "rng.pt", weights_only=True))
     return json.loads((ckpt / STATE_FILE).read_text())
+
+
+def _index_to_name_keys(opt_state: dict[str, Any], model: Any) -> dict[str, Any]:
+    """``optimizer.state_dict()`` of an optimizer over the model's trainable parameters, keyed by name."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    return {
+        "state": {names[i]: v for i, v in opt_state["state"].items()},
+        "param_groups": [dict(g, params=[names[i] for i in g["params"]]) for g in opt_state["param_groups"]],
+    }
+
+
+def _is_sharded(model: Any) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in model.modules())
 
 
 def load_model_weights(model: Any, ckpt: Path, adapter: bool = False) -> None:

@@ -1,20 +1,90 @@
-"""Multi-process data parallelism through ``accelerate launch`` (or ``torchrun``).
+"""Multi-process training through ``accelerate launch`` (or ``torchrun``).
 
-Every rank holds the full model. Prompts are sharded contiguously, so each GRPO group stays
-whole on one rank and the RePO gate and rephrase run per rank. Gradients are summed across
-ranks with one all-reduce per optimizer step; loss normalisers and metrics use global
-totals, so N processes compute the same update as one process over the same global batch.
-With one process every operation here is the identity.
+Prompts are sharded contiguously, so each GRPO group stays whole on one rank and the RePO
+gate and rephrase run per rank. Loss normalisers and metrics use global totals, so N
+processes compute the same update as one process over the same global batch. With one
+process every operation here is the identity.
+
+Two ways to hold the model:
+
+* data parallel (the default): every rank holds the full model and gradients are summed
+  with one all-reduce per optimizer step;
+* FSDP (an accelerate config with ``distributed_type: FSDP``, ``fsdp_version: 2``): torch's
+  ``fully_shard`` shards parameters, gradients and optimizer state over the ranks. Each
+  decoder layer is one shard unit. Generation runs on all-gathered parameters, so ranks
+  may sample different lengths without lock-step collectives; checkpoints hold full
+  (unsharded) weights and optimizer state, so a run resumes under any launcher.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Any, Iterable
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator, Mapping, Optional
 
 import torch
 
 from .errors import UserError
+
+_TRUE = ("1", "true", "yes")
+
+
+def _flag(env: Mapping[str, str], key: str, default: bool = False) -> bool:
+    v = env.get(key)
+    return default if v is None or v == "" else v.strip().lower() in _TRUE
+
+
+@dataclass(frozen=True)
+class FsdpSettings:
+    """The FSDP options repo-rl honours, read from the environment ``accelerate launch`` sets."""
+
+    reshard_after_forward: bool = True
+    wrap_classes: tuple[str, ...] = ()
+    """Module class names that become shard units; empty: the model's ``_no_split_modules``."""
+    wrap: bool = True
+    """False for ``fsdp_auto_wrap_policy: NO_WRAP`` (one unit, the whole model)."""
+    activation_checkpointing: bool = False
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> Optional["FsdpSettings"]:
+        """None unless the launcher asked for FSDP; a UserError for options not supported."""
+        if not _flag(env, "ACCELERATE_USE_FSDP"):
+            return None
+        where = "accelerate FSDP config"
+        version = env.get("FSDP_VERSION", "1").strip()
+        if version != "2":
+            raise UserError(
+                f"{where}: fsdp_version={version}: repo-rl uses FSDP2 (torch fully_shard); set fsdp_version: 2 "
+                "(configs/accelerate/fsdp.yaml)"
+            )
+        if _flag(env, "FSDP_OFFLOAD_PARAMS"):
+            raise UserError(f"{where}: fsdp_offload_params=true: not supported; use model.lora.r or train.gradient_checkpointing to save memory")
+        policy = env.get("FSDP_AUTO_WRAP_POLICY", "TRANSFORMER_BASED_WRAP").strip() or "TRANSFORMER_BASED_WRAP"
+        if policy not in ("TRANSFORMER_BASED_WRAP", "NO_WRAP"):
+            raise UserError(f"{where}: fsdp_auto_wrap_policy={policy}: expected TRANSFORMER_BASED_WRAP or NO_WRAP")
+        classes = tuple(c.strip() for c in env.get("FSDP_TRANSFORMER_CLS_TO_WRAP", "").split(",") if c.strip())
+        return cls(
+            reshard_after_forward=_flag(env, "FSDP_RESHARD_AFTER_FORWARD", True),
+            wrap_classes=classes,
+            wrap=policy != "NO_WRAP",
+            activation_checkpointing=_flag(env, "FSDP_ACTIVATION_CHECKPOINTING"),
+        )
+
+
+def _check_launcher_env(env: Mapping[str, str]) -> None:
+    if _flag(env, "ACCELERATE_USE_DEEPSPEED"):
+        raise UserError(
+            "accelerate launch with DeepSpeed: not supported yet; use the FSDP config (configs/accelerate/fsdp.yaml) "
+            "to shard parameters, gradients and optimizer state, or a DDP config with model.lora.r, train.bf16 and "
+            "train.logprob_chunk_size to fit memory"
+        )
+    mp = env.get("ACCELERATE_MIXED_PRECISION", "no").strip().lower() or "no"
+    if mp != "no":
+        raise UserError(
+            f"accelerate config: mixed_precision={mp}: set mixed_precision: 'no' in the accelerate config; "
+            "repo-rl's precision is train.bf16 (and train.bf16_generation)"
+        )
 
 
 class Dist:
@@ -24,12 +94,8 @@ class Dist:
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.state = None
-        for var, what in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
-            if os.environ.get(var, "").lower() in ("1", "true"):
-                raise UserError(
-                    f"accelerate launch with {what}: not supported yet. repo-rl shards data, not parameters; "
-                    "use a DDP config (configs/accelerate/) with model.lora.r, train.bf16 and train.logprob_chunk_size to fit memory"
-                )
+        _check_launcher_env(os.environ)
+        self.fsdp = FsdpSettings.from_env(os.environ)
         if self.world > 1:
             from accelerate import PartialState
 
@@ -73,9 +139,17 @@ class Dist:
             return t
         return torch.cat([x for x in self.gather(t.cpu())], 0)
 
-    def all_reduce_grads(self, params: Iterable[torch.nn.Parameter]) -> None:
-        """Sum gradients over ranks in one flat buffer."""
+    def max_int(self, n: int) -> int:
+        """The largest of one integer over ranks."""
         if self.world == 1:
+            return n
+        t = torch.tensor([n], dtype=torch.int64)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return int(t.item())
+
+    def all_reduce_grads(self, params: Iterable[torch.nn.Parameter]) -> None:
+        """Sum gradients over ranks in one flat buffer (FSDP has already reduce-scattered them)."""
+        if self.world == 1 or self.fsdp is not None:
             return
         params = [p for p in params if p.requires_grad]
         for p in params:  # every rank must contribute a buffer of the same layout
@@ -101,3 +175,87 @@ class Dist:
         if self.world > 1 and torch.distributed.is_initialized():
             torch.distributed.barrier()
             torch.distributed.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------- FSDP
+def _fsdp_modules(model: torch.nn.Module) -> list[Any]:
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+def fully_shard_model(model: torch.nn.Module, settings: FsdpSettings) -> torch.nn.Module:
+    """Shard ``model`` in place with torch's ``fully_shard``: each wrap-class module, then the root.
+
+    Gradients are summed over ranks, not averaged: the loss is already normalised by
+    global totals (see :class:`Dist`).
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    units: list[torch.nn.Module] = []
+    if settings.wrap:
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        names = set(settings.wrap_classes or getattr(base, "_no_split_modules", None) or ())
+        units = [m for m in model.modules() if type(m).__name__ in names]
+        if settings.wrap_classes and not units:
+            layers = sorted({type(m).__name__ for m in model.modules() if "Layer" in type(m).__name__})
+            raise UserError(
+                f"accelerate FSDP config: fsdp_transformer_layer_cls_to_wrap={','.join(settings.wrap_classes)}: "
+                f"no such module in the model (its layer classes: {', '.join(layers) or 'none'})"
+            )
+    for m in units:
+        fully_shard(m, reshard_after_forward=settings.reshard_after_forward)
+    fully_shard(model, reshard_after_forward=settings.reshard_after_forward)
+    for m in _fsdp_modules(model):
+        m.set_gradient_divide_factor(1.0)
+        m.set_force_sum_reduction_for_comms(True)  # plain SUM: gloo has neither AVG nor PREMUL_SUM
+    return model
+
+
+@contextlib.contextmanager
+def full_parameters(model: torch.nn.Module) -> Iterator[None]:
+    """All-gather a sharded model's parameters for the duration of the block (no-op otherwise).
+
+    Inside, forward passes run no collectives, so each rank may call the model a different
+    number of times (sampling stops when this rank's rows are done).
+    """
+    mods = _fsdp_modules(model)
+    if not mods:
+        yield
+        return
+    # The root is chosen at its first forward; settle it now, so the settings saved below
+    # are the ones training runs with.
+    model._get_fsdp_state()._lazy_init()  # noqa: SLF001
+    states = [m._get_fsdp_state() for m in mods]  # noqa: SLF001
+    saved = [(st._auto_reshard_after_forward, [g.post_forward_mesh_info for g in st._fsdp_param_groups]) for st in states]
+    for m in mods:
+        m.set_reshard_after_forward(False, recurse=False)
+    for m in mods:
+        m.unshard()
+    try:
+        yield
+    finally:
+        for m in mods:
+            m.reshard()
+        for st, (auto, infos) in zip(states, saved):
+            st._auto_reshard_after_forward = auto
+            for g, info in zip(st._fsdp_param_groups, infos):
+                g.post_forward_mesh_info = info
+
+
+def full_state_dicts(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """Unsharded model and optimizer state on rank 0 (empty dicts elsewhere); collective.
+
+    The optimizer state is keyed by parameter name, so it loads under any parallel layout.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=opts), get_optimizer_state_dict(model, optimizer, options=opts)
+
+
+def load_named_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Load a full, name-keyed optimizer state (see :func:`full_state_dicts`) into a sharded or plain model."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))

@@ -24,7 +24,7 @@ import torch
 from . import algorithms as alg
 from .checkpoint import clean_partial, latest_checkpoint, load_model_weights, load_training_state, save_checkpoint
 from .config import Config
-from .distributed import Dist
+from .distributed import Dist, full_parameters, full_state_dicts, fully_shard_model
 from .data import DataError, Example, LoadReport, PromptSampler, load_examples
 from .errors import TrainingError, UserError
 from .logprobs import check_chunkable, completion_logprobs
@@ -198,7 +198,13 @@ class Trainer:
         self.model.config.use_cache = False
         if cfg.train.logprob_chunk_size:
             check_chunkable(self.model)
-        if cfg.train.gradient_checkpointing:
+        fsdp = self.dist.fsdp
+        if fsdp is not None and cfg.model.lora.r > 0:
+            raise UserError(
+                "model.lora.r with an FSDP launch: not supported; LoRA already keeps the trainable state small, "
+                "so launch it with a data-parallel config (configs/accelerate/multi_gpu_ddp.yaml)"
+            )
+        if cfg.train.gradient_checkpointing or (fsdp is not None and fsdp.activation_checkpointing):
             if hasattr(self.model, "activation_checkpointing_enable"):  # transformers >= 5
                 self.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
             else:
@@ -221,6 +227,14 @@ class Trainer:
             self.ref_model = copy.deepcopy(self.model).eval()
             for p in self.ref_model.parameters():
                 p.requires_grad_(False)
+        # Weights of a resumed run load before sharding (the reference above stays the initial model).
+        self._resume_from = self._find_resume_checkpoint() if self.resume else None
+        if self._resume_from is not None:
+            self._load_weights(self._resume_from)
+        if fsdp is not None:
+            fully_shard_model(self.model, fsdp)
+            if self.ref_model is not None:
+                fully_shard_model(self.ref_model, fsdp)
 
         self._prompt_cache: dict[int, list[int]] = {}
         # repo.rephrase_batching=auto: (mode, seconds) of the trial steps, then the mode chosen.
@@ -321,12 +335,29 @@ class Trainer:
             return 1.0 - frac
         return 0.5 * (1.0 + math.cos(math.pi * frac))
 
-    def _load_latest(self) -> None:
+    def _find_resume_checkpoint(self) -> Optional[Path]:
         root = self.out / "checkpoints"
         if self.dist.is_main:
             clean_partial(root)
         self.dist.barrier()
-        ckpt = latest_checkpoint(root)
+        return latest_checkpoint(root)
+
+    @staticmethod
+    def _cannot_resume(ckpt: Path, e: Exception) -> UserError:
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        return UserError(
+            f"{ckpt}: cannot resume from this checkpoint ({type(e).__name__}: {first}); it is damaged or "
+            "from another model. Move it aside to resume from the one before it"
+        )
+
+    def _load_weights(self, ckpt: Path) -> None:
+        try:
+            load_model_weights(self.model, ckpt, adapter=self.lora)
+        except Exception as e:  # noqa: BLE001 - torch, safetensors and json raise many types
+            raise self._cannot_resume(ckpt, e) from None
+
+    def _load_latest(self) -> None:
+        ckpt = self._resume_from
         if ckpt is None:
             # Nothing to resume (killed before the first checkpoint): start from scratch, and
             # drop the rows the killed run logged, or they would appear twice.
@@ -335,16 +366,11 @@ class Trainer:
                     truncate_jsonl(self.out / name, 0)
             return
         try:
-            load_model_weights(self.model, ckpt, adapter=self.lora)
-            state = load_training_state(ckpt, self.optimizer, self.scheduler)
+            state = load_training_state(ckpt, self.optimizer, self.scheduler, self.model)
             sampler_state = state["sampler"]
             step = int(state["step"])
-        except Exception as e:  # noqa: BLE001 - torch, safetensors, json and pickle raise many types
-            first = (str(e).strip().splitlines() or [""])[0][:200]
-            raise UserError(
-                f"{ckpt}: cannot resume from this checkpoint ({type(e).__name__}: {first}); it is damaged or "
-                "from another model. Move it aside to resume from the one before it"
-            ) from None
+        except Exception as e:  # noqa: BLE001 - torch, json and pickle raise many types
+            raise self._cannot_resume(ckpt, e) from None
         try:
             self.sampler.load_state_dict(sampler_state)
         except DataError as e:
@@ -363,11 +389,14 @@ class Trainer:
 
     def _save(self) -> None:
         self.dist.barrier()
+        gathered: tuple[Optional[dict], Optional[dict]] = (None, None)
+        if self.dist.fsdp is not None:
+            gathered = full_state_dicts(self.model, self.optimizer)  # collective
         if self.dist.is_main:
-            self._save_main()
+            self._save_main(*gathered)
         self.dist.barrier()
 
-    def _save_main(self) -> Path:
+    def _save_main(self, model_state: Optional[dict] = None, optimizer_state: Optional[dict] = None) -> Path:
         state = {
             "step": self.step,
             "sampler": self.sampler.state_dict(),
@@ -384,7 +413,8 @@ class Trainer:
         if self.completions_log is not None:
             self.completions_log.sync()
         return save_checkpoint(
-            self.out / "checkpoints", self.step, self.model, self.tokenizer, self.optimizer, self.scheduler, state, self.cfg.train.save_total_limit
+            self.out / "checkpoints", self.step, self.model, self.tokenizer, self.optimizer, self.scheduler, state,
+            self.cfg.train.save_total_limit, model_state=model_state, optimizer_state=optimizer_state,
         )
 
     # ------------------------------------------------------------------ helpers
@@ -445,16 +475,31 @@ class Trainer:
             logp, ent = completion_logprobs(model, ids, attn, pos, P, T, self.cfg.train.logprob_chunk_size, want_entropy)
         return logp, cmask, ent
 
-    def _micro_batches(self, seqs: Sequence[Sequence_]) -> list[list[int]]:
-        """Indices grouped by total length (less padding); the loss normalisers are global."""
+    def _micro_batches(self, seqs: Sequence[Sequence_]) -> list[Optional[list[int]]]:
+        """Indices grouped by total length (less padding); the loss normalisers are global.
+
+        Under FSDP every rank must run the same number of forward and backward passes, so
+        a rank with fewer micro-batches gets ``None`` entries: a one-token forward whose loss
+        is multiplied by zero (see :meth:`_filler`).
+        """
         order = sorted(range(len(seqs)), key=lambda i: (len(seqs[i].prompt_ids) + len(seqs[i].completion_ids), i))
         mb = self.cfg.train.micro_batch_size
-        return [order[s : s + mb] for s in range(0, len(order), mb)]
+        chunks: list[Optional[list[int]]] = [order[s : s + mb] for s in range(0, len(order), mb)]
+        if self.dist.fsdp is not None:
+            chunks += [None] * (self.dist.max_int(len(chunks)) - len(chunks))
+        return chunks
+
+    def _filler(self) -> list[Sequence_]:
+        pad = self.tokenizer.pad_token_id
+        return [Sequence_([pad], [pad], truncated=False)]
 
     @torch.no_grad()
     def _logprobs_all(self, model: Any, seqs: Sequence[Sequence_]) -> list[torch.Tensor]:
         out: list[torch.Tensor] = [None] * len(seqs)  # type: ignore[list-item]
         for chunk in self._micro_batches(seqs):
+            if chunk is None:
+                self._forward_logprobs(model, self._filler(), with_grad=False)
+                continue
             logp, mask, _ = self._forward_logprobs(model, [seqs[i] for i in chunk], with_grad=False)
             for j, i in enumerate(chunk):
                 out[i] = logp[j, : int(mask[j].sum())].cpu()
@@ -489,9 +534,10 @@ class Trainer:
 
     def _sample(self, rows: list[list[int]], params: SamplingParams, seeds: list[int], want_logprobs: bool):
         """Generate; token log-probs too when asked and the generator can give them (else None)."""
-        if want_logprobs and hasattr(self.generator, "generate_with_logprobs"):
-            return self.generator.generate_with_logprobs(rows, params, seeds)
-        return self.generator.generate(rows, params, seeds), None
+        with full_parameters(self.model):
+            if want_logprobs and hasattr(self.generator, "generate_with_logprobs"):
+                return self.generator.generate_with_logprobs(rows, params, seeds)
+            return self.generator.generate(rows, params, seeds), None
 
     def _rollouts(self, batch: StepBatch, spec: alg.MethodSpec) -> None:
         cfg = self.cfg
@@ -671,6 +717,11 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             loss_total = 0.0
             for chunk in self._micro_batches(seqs):
+                if chunk is None:  # FSDP: match the other ranks' passes; adds nothing to the gradient
+                    logp, _, _ = self._forward_logprobs(self.core, self._filler(), with_grad=True)
+                    if n_seq > 0:
+                        (logp.sum() * 0.0).backward()
+                    continue
                 mb = [seqs[i] for i in chunk]
                 logp, mask, ent = self._forward_logprobs(self.core, mb, with_grad=True, want_entropy=(it == 0))
                 if it == 0 and batch.gap_under_p:
@@ -717,7 +768,7 @@ class Trainer:
             params = [p for p in self.model.parameters() if p.grad is not None]
             if params:
                 gn = torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm if cfg.train.max_grad_norm > 0 else float("inf"))
-                gn = float(gn)
+                gn = float(gn.full_tensor() if hasattr(gn, "full_tensor") else gn)  # a DTensor under FSDP
             else:
                 gn = 0.0
             if not math.isfinite(loss_total) or not math.isfinite(gn):
@@ -967,7 +1018,7 @@ class Trainer:
                     rows.append(ids)
                     seeds.append(derive_seed(cfg.train.seed, STREAM_EVAL, i, j))
                     rep.append(ex)
-            comps = self.generator.generate(rows, params, seeds)
+            comps, _ = self._sample(rows, params, seeds, want_logprobs=False)
             texts = [self._decode(c) for c in comps]
             r, _ = self.scorer([e.prompt for e in rep], texts, rep)
             r = torch.nan_to_num(r, nan=0.0).view(len(exs), cfg.eval.n)

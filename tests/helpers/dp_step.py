@@ -22,7 +22,9 @@ def main() -> None:
     def record(*args, **kwargs):  # replaces optimizer.step: capture the all-reduced gradient
         for name, p in trainer.model.named_parameters():
             if p.grad is not None:
-                grads[name] = p.grad.detach().clone()
+                g = p.grad.detach()
+                # FSDP holds each rank's shard of the summed gradient; gathering is collective.
+                grads[name] = g.full_tensor() if hasattr(g, "full_tensor") else g.clone()
 
     trainer.optimizer.step = record
     metrics = trainer.train_step()
