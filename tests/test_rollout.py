@@ -257,3 +257,36 @@ def test_preallocated_kv_layer_equals_concatenation_and_grows():
     assert cache.get_seq_length() == 10
     cache.batch_select_indices(torch.tensor([1]))
     assert torch.equal(cache.layers[0].keys, ref_k[1:]) and cache.get_seq_length() == 10
+
+
+def test_decode_padding_mask_path_changes_no_sample(varied_model):
+    """Decode steps pass the 4D padding mask instead of letting transformers build a causal mask;
+    tokens and log-probs must equal the 2D-mask path on left-padded prompts."""
+    model, tok = varied_model
+    ids = [tok(p)["input_ids"] for p in PROMPTS] * 2
+    seeds = list(range(40, 48))
+    fast = HFGenerator(model, [tok.eos_token_id], tok.pad_token_id)
+    slow = HFGenerator(model, [tok.eos_token_id], tok.pad_token_id)
+    assert fast._mask4d
+    slow._mask4d = False
+    for params in (SamplingParams(20, temperature=0.0), SamplingParams(20, temperature=1.3)):
+        a, la = fast.generate_with_logprobs(ids, params, seeds)
+        b, lb = slow.generate_with_logprobs(ids, params, seeds)
+        assert a == b
+        for x, y in zip(la, lb):
+            assert torch.allclose(torch.tensor(x), torch.tensor(y), atol=1e-6)
+
+
+def test_decode_padding_mask_only_for_full_attention_sdpa():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from repo_rl.rollout import _full_attention_sdpa
+
+    def model(**kw):
+        cfg = Qwen2Config(vocab_size=16, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                          num_attention_heads=2, num_key_value_heads=1, **kw)
+        return Qwen2ForCausalLM(cfg)
+
+    assert _full_attention_sdpa(model())
+    assert not _full_attention_sdpa(model(use_sliding_window=True, sliding_window=8, max_window_layers=0))
+    assert not _full_attention_sdpa(model(attn_implementation="eager"))

@@ -145,6 +145,20 @@ def _new_cache(capacity: int):
     return cache
 
 
+def _full_attention_sdpa(model: Any) -> bool:
+    """True when every layer is full causal attention through SDPA, so a decode step's mask is the padding mask.
+
+    Sliding-window or chunked layers need transformers' own mask; eager attention wants an additive float mask.
+    """
+    cfg = getattr(model, "config", None)
+    if cfg is None or getattr(cfg, "_attn_implementation", None) != "sdpa":
+        return False
+    types = getattr(cfg, "layer_types", None)
+    if types is not None:
+        return all(t == "full_attention" for t in types)
+    return not getattr(cfg, "use_sliding_window", False) and not getattr(cfg, "attention_chunk_size", None)
+
+
 class HFGenerator:
     """KV-cached sampling for a Hugging Face causal LM, with per-row seeds.
 
@@ -176,6 +190,7 @@ class HFGenerator:
         # transformers >= 5 calls the KV cache argument ``cache``; older releases ``past_key_values``.
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self._keep_kw = "logits_to_keep" in params
+        self._mask4d = _full_attention_sdpa(model)
 
     def _autocast(self):
         if self.autocast_dtype is None:
@@ -198,7 +213,7 @@ class HFGenerator:
         """Like :meth:`generate`, plus ``log pi(token)`` of each sampled token before temperature."""
         return self._generate(prompts, params, seeds, want_logprobs=True)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def _generate(
         self, prompts: Sequence[Sequence[int]], params: SamplingParams, seeds: Sequence[int], want_logprobs: bool
     ) -> tuple[list[list[int]], list[list[float]]]:
@@ -283,9 +298,15 @@ class HFGenerator:
                     if uniforms is not None:
                         uniforms = uniforms[keep]
                 attn_full[:, L + t] = 1
+                if self._mask4d:
+                    # A one-token query may attend to every unpadded key: the padding mask, already
+                    # in the 4D form attention takes, skips rebuilding a causal mask per token.
+                    mask = attn_full[:, None, None, : L + t + 1].bool()
+                else:
+                    mask = attn_full[:, : L + t + 1]
                 outp = self.model(
                     input_ids=nxt.unsqueeze(1),
-                    attention_mask=attn_full[:, : L + t + 1],
+                    attention_mask=mask,
                     position_ids=next_pos,
                     use_cache=True,
                     **{self._cache_kw: cache},
