@@ -226,6 +226,11 @@ class TrainConfig:
     """Recompute activations in the backward pass to save memory."""
     logprob_chunk_size: Optional[int] = None
     """Compute log-probs this many positions at a time so vocab x length logits never exist at once (None: off)."""
+    mmap_threshold_kb: int = 0
+    """glibc only: allocations of at least this many KiB get their own mapping, returned to the OS when freed
+    (glibc otherwise raises this threshold as large blocks are freed and keeps them in its heap). Lowers peak
+    and resident memory, but fresh mappings cost page faults: 128 cut SmolLM2's peak RSS by ~10% and made its
+    steps ~15% slower on CPU. 0: glibc's default."""
     save_every: int = 50
     """Save a checkpoint every N steps (0: only at the end)."""
     save_total_limit: Optional[int] = 2
@@ -624,6 +629,7 @@ def validate(cfg: Config) -> None:
     if t.logprob_chunk_size is not None:
         check(t.logprob_chunk_size >= 1, "train.logprob_chunk_size", "a positive integer or null", t.logprob_chunk_size)
     check(t.max_bad_steps >= 1, "train.max_bad_steps", "an integer >= 1", t.max_bad_steps)
+    check(0 <= t.mmap_threshold_kb <= 32 * 1024, "train.mmap_threshold_kb", "an integer in [0, 32768]", t.mmap_threshold_kb)
     check(0 <= t.seed < 2**63, "train.seed", "an integer in [0, 2**63)", t.seed)
     if cfg.data.max_prompt_length is not None:
         check(cfg.data.max_prompt_length >= 1, "data.max_prompt_length", "a positive integer or null", cfg.data.max_prompt_length)

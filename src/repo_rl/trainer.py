@@ -28,6 +28,7 @@ from .distributed import Dist, full_parameters, full_state_dicts, fully_shard_mo
 from .data import DataError, Example, LoadReport, PromptSampler, load_examples
 from .errors import TrainingError, UserError
 from .logprobs import check_chunkable, completion_logprobs
+from .malloc import set_mmap_threshold
 from .modeling import apply_lora, eos_token_ids, load_model_and_tokenizer
 from .prompts import PromptRenderer, strip_meta
 from .rollout import BATCHING_TRIALS, HFGenerator, SamplingParams, choose_batching, derive_seed
@@ -172,6 +173,7 @@ class Trainer:
             raise UserError(f"--output-dir {self.out}: already holds a run with checkpoints; pass --resume to continue it or choose another directory")
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
+        set_mmap_threshold(cfg.train.mmap_threshold_kb)
         torch.manual_seed(cfg.train.seed)
         dev = cfg.train.device
         self.device = torch.device("cuda" if dev == "auto" and torch.cuda.is_available() else ("cpu" if dev == "auto" else dev))
