@@ -230,7 +230,7 @@ class TrainConfig:
     """glibc only: allocations of at least this many KiB get their own mapping, returned to the OS when freed
     (glibc otherwise raises this threshold as large blocks are freed and keeps them in its heap). Lowers peak
     and resident memory, but fresh mappings cost page faults: 128 cut SmolLM2's peak RSS by ~10% and made its
-    steps ~15% slower on CPU. 0: glibc's default."""
+    steps 15-50% slower on CPU. 0: glibc's default."""
     save_every: int = 50
     """Save a checkpoint every N steps (0: only at the end)."""
     save_total_limit: Optional[int] = 2
