@@ -1,7 +1,8 @@
 """Two CPU processes (gloo) through ``accelerate launch`` match one process on the same global batch.
 
-Both shipped ways to hold the model are run for real: data parallel (``multi_cpu.yaml``) and
-FSDP2 (``fsdp.yaml``, the same file a GPU machine uses, with ``--num_processes 2``).
+Every shipped way to hold the model is run for real: data parallel (``multi_cpu.yaml``), FSDP2
+(``fsdp.yaml``) and DeepSpeed ZeRO-2/3 (``deepspeed_zero{2,3}.yaml``), the last three with the same
+files a GPU machine uses, with ``--num_processes 2``.
 """
 
 from __future__ import annotations
@@ -137,11 +138,19 @@ FSDP_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(FSDP_CASES))
-def test_fsdp_two_processes_give_the_loss_and_gradient_of_one(setup, case):
+SHARDED_RUNS = [("fsdp", c) for c in sorted(FSDP_CASES)] + [("deepspeed_zero3", c) for c in sorted(FSDP_CASES)] + [("deepspeed_zero2", "repo")]
+
+
+@pytest.mark.parametrize("config,case", SHARDED_RUNS)
+def test_sharded_two_processes_give_the_loss_and_gradient_of_one(setup, config, case):
     tmp_path, model, data = setup
-    g1, m1 = _step(tmp_path, "one", model, data, 1, **FSDP_CASES[case])
-    g2, m2 = _step(tmp_path, "fsdp", model, data, 2, config="fsdp", **FSDP_CASES[case])
+    extra = dict(FSDP_CASES[case])
+    if config.startswith("deepspeed"):
+        # DeepSpeed clips inside engine.step, after the helper has read the gradient; compare unclipped
+        # gradients (the pre-clip norm is compared in the metrics either way).
+        extra["train.max_grad_norm"] = 0
+    g1, m1 = _step(tmp_path, "one", model, data, 1, **extra)
+    g2, m2 = _step(tmp_path, "sharded", model, data, 2, config=config, **extra)
     _close(m1, m2)
     assert g1.keys() == g2.keys() and g1
     assert any(float(g.abs().max()) > 0 for g in g1.values())
@@ -149,16 +158,24 @@ def test_fsdp_two_processes_give_the_loss_and_gradient_of_one(setup, case):
         assert torch.allclose(g1[k], g2[k], atol=1e-6, rtol=1e-4), k
 
 
-def test_fsdp_resume_equals_uninterrupted_fsdp_run(setup):
+@pytest.mark.parametrize("config", ["fsdp", "deepspeed_zero2", "deepspeed_zero3"])
+def test_sharded_resume_equals_uninterrupted_run(setup, config):
     tmp_path, model, data = setup
-    full = _train(tmp_path, "full", model, data, 4, 2, config="fsdp")
-    part = _train(tmp_path, "part", model, data, 2, 2, config="fsdp")
-    _train(tmp_path, "part", model, data, 4, 2, "--resume", config="fsdp")
+    full = _train(tmp_path, "full", model, data, 4, 2, config=config)
+    part = _train(tmp_path, "part", model, data, 2, 2, config=config)
+    _train(tmp_path, "part", model, data, 4, 2, "--resume", config=config)
     assert _metrics(full) == _metrics(part)
     wf, wp = _weights(full, 4), _weights(part, 4)
     assert wf.keys() == wp.keys()
     for k in wf:
         assert torch.equal(wf[k], wp[k]), k
+    if config.startswith("deepspeed"):
+        # DeepSpeed's partitioned optimizer state only loads under DeepSpeed: a clear error elsewhere.
+        over = dict(OVERRIDES, **{"model.name_or_path": model, "data.train_files": data, "train.max_steps": 5})
+        cmd = [sys.executable, "-m", "repo_rl.cli", "train", "--config", str(tmp_path / "c.yaml"), "-o", str(part), "--resume"]
+        proc = subprocess.run(cmd + [f"{k}={v}" for k, v in over.items()], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert "optimizer state was saved DeepSpeed and cannot be loaded under this launch" in proc.stderr
 
 
 @pytest.mark.parametrize("first,then", [("fsdp", "multi_cpu"), ("multi_cpu", "fsdp")])
@@ -184,7 +201,7 @@ def test_accelerate_configs_are_valid(name):
     """Each shipped config loads with accelerate's own config class, and repo-rl accepts its launch environment."""
     from accelerate.commands.config.config_args import ClusterConfig
 
-    from repo_rl.distributed import FsdpSettings, _check_launcher_env
+    from repo_rl.distributed import DeepSpeedSettings, FsdpSettings, _check_launcher_env
 
     path = ROOT / "configs" / "accelerate" / name
     raw = yaml.safe_load(path.read_text())
@@ -195,14 +212,17 @@ def test_accelerate_configs_are_valid(name):
     assert raw["mixed_precision"] == "no"  # precision is repo-rl's train.bf16, not accelerate's
     env = _launch_env(path)
     _check_launcher_env(env)
-    fsdp = FsdpSettings.from_env(env)
-    assert (fsdp is not None) == (kind == "FSDP")
+    assert (FsdpSettings.from_env(env) is not None) == (kind == "FSDP")
+    ds = DeepSpeedSettings.from_env(env)
+    assert (ds is not None) == (kind == "DEEPSPEED")
+    if ds is not None:
+        assert ds.stage == int(name[-len("N.yaml")])
 
 
 def _launch_env(path: Path) -> dict[str, str]:
     """The environment ``accelerate launch --config_file PATH`` gives the training processes."""
     from accelerate.commands.launch import _validate_launch_command, launch_command_parser
-    from accelerate.utils.launch import prepare_multi_gpu_env
+    from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
 
     import socket
 
@@ -210,7 +230,11 @@ def _launch_env(path: Path) -> dict[str, str]:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     args = launch_command_parser().parse_args(["--config_file", str(path), "--main_process_port", str(port), "train.py"])
-    args, _, _ = _validate_launch_command(args)
+    args, defaults, _ = _validate_launch_command(args)
+    if args.use_deepspeed:
+        # accelerate's launch_command sets this field before it builds the environment.
+        args.deepspeed_fields_from_accelerate_config = ",".join(defaults.deepspeed_config.keys() if defaults else [])
+        return prepare_deepspeed_cmd_env(args)[1]
     return prepare_multi_gpu_env(args)
 
 
@@ -235,25 +259,57 @@ def test_fsdp_settings_from_the_launch_environment():
             FsdpSettings.from_env(dict(env, **{key: value}))
 
 
-def test_deepspeed_and_accelerate_mixed_precision_are_refused_clearly(monkeypatch):
+def test_deepspeed_settings_from_the_launch_environment(tmp_path):
+    from repo_rl.distributed import DeepSpeedSettings
+    from repo_rl.errors import UserError
+
+    env = _launch_env(ROOT / "configs" / "accelerate" / "deepspeed_zero3.yaml")
+    s = DeepSpeedSettings.from_env(env)
+    assert s == DeepSpeedSettings(stage=3, config={})
+    assert DeepSpeedSettings.from_env({}) is None
+    cfg = s.engine_config(world=2, max_grad_norm=0.5, hidden_size=64)
+    assert cfg["train_batch_size"] == 2 and cfg["gradient_accumulation_steps"] == 1 and cfg["gradient_clipping"] == 0.5
+    assert cfg["zero_optimization"]["stage"] == 3
+    assert cfg["zero_optimization"]["stage3_param_persistence_threshold"] == 640  # small tensors stay whole
+    assert cfg["bf16"] == {"enabled": False} and cfg["fp16"] == {"enabled": False}
+    assert DeepSpeedSettings.from_env(dict(env, ACCELERATE_DEEPSPEED_ZERO_STAGE="2")).engine_config(2, 1.0, 64)["zero_optimization"] == {"stage": 2}
+    js = tmp_path / "ds.json"
+    js.write_text('{"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0, "reduce_bucket_size": "auto"}}')
+    from_file = DeepSpeedSettings.from_env({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(js)})
+    zero = from_file.engine_config(2, 1.0, 64)["zero_optimization"]
+    assert from_file.stage == 3 and zero["stage3_param_persistence_threshold"] == 0 and zero["reduce_bucket_size"] == 64 * 64
+    bad_json = tmp_path / "bad.json"
+    for key, value, match in [
+        ("ACCELERATE_DEEPSPEED_ZERO_STAGE", "1", "zero_stage=1: expected 2 or 3"),
+        ("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "cpu", "offload_optimizer_device=cpu: offloading is not supported"),
+        ("ACCELERATE_DEEPSPEED_ZERO3_INIT", "true", "zero3_init_flag=true: not supported"),
+        ("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "4", "gradient_accumulation_steps=4: set it to 1"),
+        ("ACCELERATE_GRADIENT_CLIPPING", "1.0", "gradient_clipping=1.0: leave it unset; use train.max_grad_norm"),
+        ("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(tmp_path / "missing.json"), "cannot read it"),
+        ("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(bad_json), "remove the 'optimizer' section"),
+    ]:
+        bad_json.write_text('{"zero_optimization": {"stage": 2}, "optimizer": {"type": "Adam"}}')
+        with pytest.raises(UserError, match=match):
+            DeepSpeedSettings.from_env(dict(env, **{key: value}))
+
+
+def test_accelerate_mixed_precision_is_refused_clearly(monkeypatch):
     from repo_rl.distributed import Dist
     from repo_rl.errors import UserError
 
-    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
-    with pytest.raises(UserError, match="DeepSpeed: not supported yet"):
-        Dist()
-    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
     with pytest.raises(UserError, match="mixed_precision=bf16: set mixed_precision: 'no'"):
         Dist()
 
 
-def test_fsdp_launch_with_lora_is_refused(setup):
+@pytest.mark.parametrize("config", ["fsdp", "deepspeed_zero2"])
+def test_sharded_launch_with_lora_is_refused(setup, config):
     tmp_path, model, data = setup
     over = dict(OVERRIDES, **{"model.name_or_path": model, "data.train_files": data, "train.max_steps": 1, "model.lora.r": 4})
-    cmd = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--config_file", str(ROOT / "configs" / "accelerate" / "fsdp.yaml"),
+    cmd = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--config_file", str(ROOT / "configs" / "accelerate" / f"{config}.yaml"),
            "--num_processes", "2", "-m", "repo_rl.cli", "train", "--config", str(tmp_path / "c.yaml"), "-o", str(tmp_path / "bad")]
     cmd += [f"{k}={v}" for k, v in over.items()]
     proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
-    assert "model.lora.r with an FSDP launch: not supported" in proc.stderr
+    what = "FSDP" if config == "fsdp" else "DeepSpeed"
+    assert f"model.lora.r with a {what} launch: not supported" in proc.stderr

@@ -55,17 +55,20 @@ def save_checkpoint(
     step: int,
     model: Any,
     tokenizer: Any,
-    optimizer: torch.optim.Optimizer,
+    optimizer: Optional[torch.optim.Optimizer],
     scheduler: Any,
     trainer_state: dict[str, Any],
     keep: Optional[int] = None,
     model_state: Optional[dict[str, torch.Tensor]] = None,
     optimizer_state: Optional[dict[str, Any]] = None,
+    extra_dirs: Optional[dict[str, Path]] = None,
 ) -> Path:
     """Write ``root/step-{step}`` atomically and prune old checkpoints to ``keep``.
 
     ``model_state`` and ``optimizer_state`` replace ``model.state_dict()`` and
-    ``optimizer.state_dict()`` (used for the gathered state of a sharded model).
+    ``optimizer.state_dict()`` (used for the gathered state of a sharded model). With
+    ``optimizer=None`` no ``optimizer.pt`` is written (DeepSpeed keeps its own, moved in
+    from ``extra_dirs``: name -> directory, moved into the checkpoint before it is published).
     """
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step}"
@@ -78,7 +81,10 @@ def save_checkpoint(
     else:
         model.save_pretrained(tmp, safe_serialization=True, state_dict=model_state)
     tokenizer.save_pretrained(tmp)
-    torch.save(optimizer.state_dict() if optimizer_state is None else optimizer_state, tmp / "optimizer.pt")
+    if optimizer is not None:
+        torch.save(optimizer.state_dict() if optimizer_state is None else optimizer_state, tmp / "optimizer.pt")
+    for name, src in (extra_dirs or {}).items():
+        os.replace(src, tmp / name)
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     torch.save(rng_state(), tmp / "rng.pt")
     (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=1, sort_keys=True))
@@ -123,36 +129,39 @@ def clean_partial(root: Path) -> int:
     n = 0
     if root.is_dir():
         for p in root.iterdir():
-            if p.name.startswith((".tmp-step-", ".old-step-")):
+            if p.name.startswith((".tmp-step-", ".old-step-", ".ds-step-")):
                 shutil.rmtree(p, ignore_errors=True)
                 n += 1
     return n
 
 
-def load_training_state(ckpt: Path, optimizer: torch.optim.Optimizer, scheduler: Any, model: Any = None) -> dict[str, Any]:
+def load_training_state(ckpt: Path, optimizer: Optional[torch.optim.Optimizer], scheduler: Any, model: Any = None) -> dict[str, Any]:
     """Load optimizer, scheduler and RNG state (no pickled code) and return the trainer state.
 
-    The optimizer state is either ``optimizer.state_dict()`` (keyed by parameter index) or
-    the name-keyed full state a sharded run saves; the latter needs ``model``.
+    ``optimizer=None`` leaves the optimizer alone (DeepSpeed restores its own).
     """
+    if optimizer is not None:
+        _load_optimizer_state(ckpt, optimizer, model)
+    scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
+    set_rng_state(torch.load(ckpt / "rng.pt", weights_only=True))
+    return json.loads((ckpt / STATE_FILE).read_text())
+
+
+def _load_optimizer_state(ckpt: Path, optimizer: torch.optim.Optimizer, model: Any) -> None:
+    """``optimizer.pt`` is either ``optimizer.state_dict()`` (keyed by parameter index) or the
+    name-keyed full state a sharded run saves; the latter, and any load into a sharded model, need ``model``."""
     opt_state = torch.load(ckpt / "optimizer.pt", weights_only=True)
-    if any(isinstance(k, str) for k in opt_state.get("state", {})) or any(
+    named = any(isinstance(k, str) for k in opt_state.get("state", {})) or any(
         isinstance(p, str) for g in opt_state.get("param_groups", []) for p in g.get("params", [])
-    ):
+    )
+    if named or (model is not None and _is_sharded(model)):
         from .distributed import load_named_optimizer_state
 
         if model is None:
             raise ValueError(f"{ckpt}: a name-keyed optimizer state needs the model to load")
-        load_named_optimizer_state(model, optimizer, opt_state)
-    elif model is not None and _is_sharded(model):
-        from .distributed import load_named_optimizer_state
-
-        load_named_optimizer_state(model, optimizer, _index_to_name_keys(opt_state, model))
+        load_named_optimizer_state(model, optimizer, opt_state if named else _index_to_name_keys(opt_state, model))
     else:
         optimizer.load_state_dict(opt_state)
-    scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
-    set_rng_state(torch.load(ckpt / "rng.pt", weights_only=True))
-    return json.loads((ckpt / STATE_FILE).read_text())
 
 
 def _index_to_name_keys(opt_state: dict[str, Any], model: Any) -> dict[str, Any]:

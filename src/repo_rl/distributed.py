@@ -72,13 +72,90 @@ class FsdpSettings:
         )
 
 
+@dataclass(frozen=True)
+class DeepSpeedSettings:
+    """The DeepSpeed options repo-rl honours, read from the environment ``accelerate launch`` sets."""
+
+    stage: int
+    config: dict
+    """The DeepSpeed JSON config from ``deepspeed_config_file``, or {} for an inline accelerate config."""
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> Optional["DeepSpeedSettings"]:
+        """None unless the launcher asked for DeepSpeed; a UserError for options not supported."""
+        if not _flag(env, "ACCELERATE_USE_DEEPSPEED"):
+            return None
+        where = "accelerate DeepSpeed config"
+        config: dict = {}
+        path = env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "").strip()
+        if path and path.lower() != "none":
+            import json
+
+            try:
+                config = json.loads(open(path, encoding="utf-8").read())
+            except (OSError, ValueError) as e:
+                raise UserError(f"{where}: deepspeed_config_file={path}: cannot read it ({e})") from None
+            stage = config.get("zero_optimization", {}).get("stage", 0)
+            for key in ("optimizer", "scheduler"):
+                if key in config:
+                    raise UserError(f"{where}: {path}: remove the {key!r} section; repo-rl's AdamW and train.lr_scheduler are used")
+            for key in ("bf16", "fp16"):
+                if config.get(key, {}).get("enabled") not in (None, False, "auto"):
+                    raise UserError(f"{where}: {path}: {key}.enabled must be false or auto; repo-rl's precision is train.bf16")
+        else:
+            stage = env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2").strip() or "2"
+        try:
+            stage = int(stage)
+        except ValueError:
+            raise UserError(f"{where}: zero_stage={stage}: expected 2 or 3") from None
+        if stage not in (2, 3):
+            raise UserError(f"{where}: zero_stage={stage}: expected 2 or 3 (for plain data parallel use configs/accelerate/multi_gpu_ddp.yaml)")
+        for var, key in (("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "offload_optimizer_device"),
+                         ("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE", "offload_param_device")):
+            if env.get(var, "none").strip().lower() not in ("", "none"):
+                raise UserError(f"{where}: {key}={env[var]}: offloading is not supported")
+        if _flag(env, "ACCELERATE_DEEPSPEED_ZERO3_INIT"):
+            raise UserError(f"{where}: zero3_init_flag=true: not supported; repo-rl loads the model, then DeepSpeed partitions it")
+        if env.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "1").strip() not in ("", "1"):
+            raise UserError(
+                f"{where}: gradient_accumulation_steps={env['ACCELERATE_GRADIENT_ACCUMULATION_STEPS']}: set it to 1; "
+                "repo-rl accumulates over the whole step (train.micro_batch_size)"
+            )
+        if env.get("ACCELERATE_GRADIENT_CLIPPING", "none").strip().lower() not in ("", "none"):
+            raise UserError(f"{where}: gradient_clipping={env['ACCELERATE_GRADIENT_CLIPPING']}: leave it unset; use train.max_grad_norm")
+        try:
+            import deepspeed  # noqa: F401
+        except ImportError:
+            raise UserError("accelerate launch with DeepSpeed: deepspeed is not installed (pip install deepspeed)") from None
+        return cls(stage=stage, config=config)
+
+    def engine_config(self, world: int, max_grad_norm: float, hidden_size: Optional[int]) -> dict:
+        """The config passed to ``deepspeed.initialize``: repo-rl calls forward, backward and step itself."""
+        import copy as _copy
+
+        cfg = _copy.deepcopy(self.config)
+        cfg["train_micro_batch_size_per_gpu"] = 1  # unused: repo-rl builds its own micro-batches
+        cfg["gradient_accumulation_steps"] = 1  # boundaries are set by hand, once per optimizer step
+        cfg["train_batch_size"] = world
+        cfg["gradient_clipping"] = float(max_grad_norm)
+        cfg["bf16"], cfg["fp16"] = {"enabled": False}, {"enabled": False}
+        cfg.setdefault("steps_per_print", 10**12)
+        zero = cfg.setdefault("zero_optimization", {})
+        zero["stage"] = self.stage
+        if self.stage == 3 and hidden_size:
+            # transformers' "auto" values: small tensors (norms, biases) stay whole on every rank.
+            for key, value in (("reduce_bucket_size", hidden_size * hidden_size),
+                               ("stage3_prefetch_bucket_size", int(0.9 * hidden_size * hidden_size)),
+                               ("stage3_param_persistence_threshold", 10 * hidden_size)):
+                if zero.get(key, "auto") == "auto":
+                    zero[key] = value
+        for key, value in list(zero.items()):
+            if value == "auto":
+                del zero[key]
+        return cfg
+
+
 def _check_launcher_env(env: Mapping[str, str]) -> None:
-    if _flag(env, "ACCELERATE_USE_DEEPSPEED"):
-        raise UserError(
-            "accelerate launch with DeepSpeed: not supported yet; use the FSDP config (configs/accelerate/fsdp.yaml) "
-            "to shard parameters, gradients and optimizer state, or a DDP config with model.lora.r, train.bf16 and "
-            "train.logprob_chunk_size to fit memory"
-        )
     mp = env.get("ACCELERATE_MIXED_PRECISION", "no").strip().lower() or "no"
     if mp != "no":
         raise UserError(
@@ -96,12 +173,21 @@ class Dist:
         self.state = None
         _check_launcher_env(os.environ)
         self.fsdp = FsdpSettings.from_env(os.environ)
+        self.deepspeed = DeepSpeedSettings.from_env(os.environ)
+        self.engine: Any = None
+        """The DeepSpeed engine, once the trainer has built it."""
         if self.world > 1:
             from accelerate import PartialState
 
             # gloo on CPU, nccl on GPUs; accelerate reads the launcher's environment.
             self.state = PartialState(cpu=not torch.cuda.is_available())
             self.world, self.rank = self.state.num_processes, self.state.process_index
+
+    @property
+    def sharded(self) -> bool:
+        """True when every rank must run the same forward/backward passes: FSDP and ZeRO-3 gather
+        parameters per forward, and DeepSpeed's gradient reduction counts micro-steps."""
+        return self.fsdp is not None or self.deepspeed is not None
 
     @property
     def is_main(self) -> bool:
@@ -149,7 +235,7 @@ class Dist:
 
     def all_reduce_grads(self, params: Iterable[torch.nn.Parameter]) -> None:
         """Sum gradients over ranks in one flat buffer (FSDP has already reduce-scattered them)."""
-        if self.world == 1 or self.fsdp is not None:
+        if self.world == 1 or self.fsdp is not None or self.deepspeed is not None:
             return
         params = [p for p in params if p.requires_grad]
         for p in params:  # every rank must contribute a buffer of the same layout
@@ -212,13 +298,48 @@ def fully_shard_model(model: torch.nn.Module, settings: FsdpSettings) -> torch.n
     return model
 
 
+def _zero3_params(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if hasattr(p, "ds_id")]
+
+
 @contextlib.contextmanager
-def full_parameters(model: torch.nn.Module) -> Iterator[None]:
+def _zero3_gathered(engine: Any, params: list[torch.nn.Parameter]) -> Iterator[None]:
+    import deepspeed
+
+    offload = getattr(engine.optimizer, "parameter_offload", None) or engine.optimizer
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        # ZeRO-3's per-module hooks fetch (and prefetch) parameters at every forward. With all of
+        # them gathered the hooks have nothing to do, and would leave parameters "in flight" when
+        # the block ends, so they are taken off while sampling and registered again after.
+        for p in params:
+            p.ds_active_sub_modules.clear()
+        for hook in list(offload.forward_hooks) + list(offload.backward_hooks):
+            hook.remove()
+        offload.forward_hooks, offload.backward_hooks = [], []
+        try:
+            yield
+        finally:
+            coordinator = getattr(offload, "param_coordinator", None)
+            if coordinator is not None and not coordinator.is_invalid_trace():
+                coordinator._invalidate_trace()  # noqa: SLF001 - the recorded fetch order no longer holds
+            offload._register_deepspeed_module(offload.module)  # noqa: SLF001
+
+
+@contextlib.contextmanager
+def full_parameters(model: torch.nn.Module, engine: Any = None) -> Iterator[None]:
     """All-gather a sharded model's parameters for the duration of the block (no-op otherwise).
 
     Inside, forward passes run no collectives, so each rank may call the model a different
-    number of times (sampling stops when this rank's rows are done).
+    number of times (sampling stops when this rank's rows are done). Works for FSDP2 and,
+    given its ``engine``, DeepSpeed ZeRO-3.
     """
+    ds_params = _zero3_params(model)
+    if ds_params:
+        if engine is None:
+            raise ValueError("a ZeRO-3 model needs its DeepSpeed engine to gather parameters")
+        with _zero3_gathered(engine, ds_params):
+            yield
+        return
     mods = _fsdp_modules(model)
     if not mods:
         yield
@@ -259,3 +380,32 @@ def load_named_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Op
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+# ----------------------------------------------------------------------------------- DeepSpeed
+def deepspeed_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, settings: DeepSpeedSettings, world: int,
+                     max_grad_norm: float) -> Any:
+    """Wrap ``model`` and ``optimizer`` in a DeepSpeed ZeRO engine on the existing process group.
+
+    Gradients are averaged over ranks by DeepSpeed; the trainer scales its loss by the world
+    size so they are summed, as in data parallel and FSDP.
+    """
+    import deepspeed
+
+    hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, config=settings.engine_config(world, max_grad_norm, hidden), dist_init_required=False
+    )
+    return engine
+
+
+def deepspeed_full_weights(engine: Any, is_main: bool) -> Optional[dict]:
+    """The model's full state dict on rank 0 (gathered under ZeRO-3); collective."""
+    model = engine.module
+    params = _zero3_params(model)
+    if not params:
+        return None  # ZeRO-2: every rank holds the full, current weights
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        return {k: v.detach().clone().cpu() for k, v in model.state_dict().items()} if is_main else None

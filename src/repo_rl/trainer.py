@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ import torch
 from . import algorithms as alg
 from .checkpoint import clean_partial, latest_checkpoint, load_model_weights, load_training_state, save_checkpoint
 from .config import Config
-from .distributed import Dist, full_parameters, full_state_dicts, fully_shard_model
+from .distributed import Dist, deepspeed_engine, deepspeed_full_weights, full_parameters, full_state_dicts, fully_shard_model
 from .data import DataError, Example, LoadReport, PromptSampler, load_examples
 from .errors import TrainingError, UserError
 from .logprobs import check_chunkable, completion_logprobs
@@ -96,6 +97,13 @@ class RewardScorer:
         self.names = [getattr(f, "__name__", str(s)) for f, s in zip(self.funcs, specs)]
         self.weights = list(weights) if weights is not None else [1.0] * len(self.funcs)
         self._last = [self._snapshot(f) for f in self.funcs]
+
+    def close(self) -> None:
+        """Stop the reward functions' worker processes, if they have any (they restart on use)."""
+        for fn in self.funcs:
+            close = getattr(fn, "close", None)
+            if callable(close):
+                close()
 
     @staticmethod
     def _snapshot(fn: Any) -> dict[str, int]:
@@ -201,9 +209,10 @@ class Trainer:
         if cfg.train.logprob_chunk_size:
             check_chunkable(self.model)
         fsdp = self.dist.fsdp
-        if fsdp is not None and cfg.model.lora.r > 0:
+        if (fsdp is not None or self.dist.deepspeed is not None) and cfg.model.lora.r > 0:
+            what = "FSDP" if fsdp is not None else "DeepSpeed"
             raise UserError(
-                "model.lora.r with an FSDP launch: not supported; LoRA already keeps the trainable state small, "
+                f"model.lora.r with a {what} launch: not supported; LoRA already keeps the trainable state small, "
                 "so launch it with a data-parallel config (configs/accelerate/multi_gpu_ddp.yaml)"
             )
         if cfg.train.gradient_checkpointing or (fsdp is not None and fsdp.activation_checkpointing):
@@ -254,6 +263,10 @@ class Trainer:
             fused=self.device.type in ("cpu", "cuda"),
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_lambda)
+        if self.dist.deepspeed is not None:
+            # ZeRO partitions the optimizer state (and, at stage 3, the weights); the scheduler keeps
+            # driving the wrapped AdamW's learning rate.
+            self.dist.engine = deepspeed_engine(self.model, self.optimizer, self.dist.deepspeed, self.dist.world, t.max_grad_norm)
         self.sampler = PromptSampler(len(self.train_examples), t.seed, cfg.data.shuffle)
         self.step = 0
         self.bad_steps_total = 0
@@ -360,6 +373,13 @@ class Trainer:
 
     def _load_latest(self) -> None:
         ckpt = self._resume_from
+        engine = self.dist.engine
+        if ckpt is not None and (engine is not None) != (ckpt / "deepspeed").is_dir():
+            saved, now = ("DeepSpeed", "this launch") if engine is None else ("without DeepSpeed", "a DeepSpeed launch")
+            raise UserError(
+                f"{ckpt}: its optimizer state was saved {saved} and cannot be loaded under {now}; resume with the launcher "
+                "that wrote it (the weights, model.safetensors, load anywhere: start a new run from them with model.name_or_path)"
+            )
         if ckpt is None:
             # Nothing to resume (killed before the first checkpoint): start from scratch, and
             # drop the rows the killed run logged, or they would appear twice.
@@ -368,7 +388,10 @@ class Trainer:
                     truncate_jsonl(self.out / name, 0)
             return
         try:
-            state = load_training_state(ckpt, self.optimizer, self.scheduler, self.model)
+            if engine is not None:
+                engine.load_checkpoint(str(ckpt / "deepspeed"), tag="state", load_optimizer_states=True,
+                                       load_lr_scheduler_states=False, load_module_strict=False)
+            state = load_training_state(ckpt, None if engine is not None else self.optimizer, self.scheduler, self.model)
             sampler_state = state["sampler"]
             step = int(state["step"])
         except Exception as e:  # noqa: BLE001 - torch, json and pickle raise many types
@@ -392,13 +415,29 @@ class Trainer:
     def _save(self) -> None:
         self.dist.barrier()
         gathered: tuple[Optional[dict], Optional[dict]] = (None, None)
+        extra: Optional[dict[str, Path]] = None
         if self.dist.fsdp is not None:
             gathered = full_state_dicts(self.model, self.optimizer)  # collective
+        elif self.dist.engine is not None:
+            # DeepSpeed writes its partitioned optimizer state from every rank; rank 0 then moves it
+            # into the checkpoint before the atomic rename.
+            root = self.out / "checkpoints"
+            ds_dir = root / f".ds-step-{self.step}"
+            if self.dist.is_main:
+                root.mkdir(parents=True, exist_ok=True)
+                shutil.rmtree(ds_dir, ignore_errors=True)
+            self.dist.barrier()
+            self.dist.engine.save_checkpoint(str(ds_dir), tag="state", save_latest=False)
+            gathered = (deepspeed_full_weights(self.dist.engine, self.dist.is_main), None)
+            extra = {"deepspeed": ds_dir}
+            self.dist.barrier()
         if self.dist.is_main:
-            self._save_main(*gathered)
+            self._save_main(*gathered, extra=extra)
         self.dist.barrier()
 
-    def _save_main(self, model_state: Optional[dict] = None, optimizer_state: Optional[dict] = None) -> Path:
+    def _save_main(
+        self, model_state: Optional[dict] = None, optimizer_state: Optional[dict] = None, extra: Optional[dict[str, Path]] = None
+    ) -> Path:
         state = {
             "step": self.step,
             "sampler": self.sampler.state_dict(),
@@ -415,8 +454,8 @@ class Trainer:
         if self.completions_log is not None:
             self.completions_log.sync()
         return save_checkpoint(
-            self.out / "checkpoints", self.step, self.model, self.tokenizer, self.optimizer, self.scheduler, state,
-            self.cfg.train.save_total_limit, model_state=model_state, optimizer_state=optimizer_state,
+            self.out / "checkpoints", self.step, self.model, self.tokenizer, None if extra else self.optimizer, self.scheduler,
+            state, self.cfg.train.save_total_limit, model_state=model_state, optimizer_state=optimizer_state, extra_dirs=extra,
         )
 
     # ------------------------------------------------------------------ helpers
@@ -480,16 +519,29 @@ class Trainer:
     def _micro_batches(self, seqs: Sequence[Sequence_]) -> list[Optional[list[int]]]:
         """Indices grouped by total length (less padding); the loss normalisers are global.
 
-        Under FSDP every rank must run the same number of forward and backward passes, so
+        With sharded parameters (FSDP, ZeRO-3) every rank must run the same number of forward
+        and backward passes, so
         a rank with fewer micro-batches gets ``None`` entries: a one-token forward whose loss
         is multiplied by zero (see :meth:`_filler`).
         """
         order = sorted(range(len(seqs)), key=lambda i: (len(seqs[i].prompt_ids) + len(seqs[i].completion_ids), i))
         mb = self.cfg.train.micro_batch_size
         chunks: list[Optional[list[int]]] = [order[s : s + mb] for s in range(0, len(order), mb)]
-        if self.dist.fsdp is not None:
+        if self.dist.sharded:
             chunks += [None] * (self.dist.max_int(len(chunks)) - len(chunks))
         return chunks
+
+    def _backward(self, loss: torch.Tensor, last: bool) -> None:
+        """Backward of one micro-batch; under DeepSpeed, gradients are reduced at the last one."""
+        engine = self.dist.engine
+        if engine is None:
+            loss.backward()
+            return
+        # engine.forward would mark a new micro-step; repo-rl calls the module directly, so it
+        # does it here, or ZeRO-3 overwrites instead of accumulating the earlier micro-batches.
+        engine.optimizer.clear_backward_seen_flag()
+        engine.set_gradient_accumulation_boundary(last)
+        engine.backward(loss * self.dist.world)  # DeepSpeed averages over ranks; repo-rl sums
 
     def _filler(self) -> list[Sequence_]:
         pad = self.tokenizer.pad_token_id
@@ -536,7 +588,7 @@ class Trainer:
 
     def _sample(self, rows: list[list[int]], params: SamplingParams, seeds: list[int], want_logprobs: bool):
         """Generate; token log-probs too when asked and the generator can give them (else None)."""
-        with full_parameters(self.model):
+        with full_parameters(self.model, self.dist.engine):
             if want_logprobs and hasattr(self.generator, "generate_with_logprobs"):
                 return self.generator.generate_with_logprobs(rows, params, seeds)
             return self.generator.generate(rows, params, seeds), None
@@ -715,14 +767,18 @@ class Trainer:
         stats = {"loss": 0.0, "clip_low": 0.0, "clip_high": 0.0, "clip_tokens": 0.0, "kl": 0.0, "entropy": 0.0, "tokens": 0.0}
         grad_norms: list[float] = []
         skipped = False
+        engine = self.dist.engine
         for it in range(a.num_iterations):
-            self.optimizer.zero_grad(set_to_none=True)
+            if engine is None:
+                self.optimizer.zero_grad(set_to_none=True)
             loss_total = 0.0
-            for chunk in self._micro_batches(seqs):
-                if chunk is None:  # FSDP: match the other ranks' passes; adds nothing to the gradient
+            chunks = self._micro_batches(seqs)
+            for ci, chunk in enumerate(chunks):
+                last = ci == len(chunks) - 1
+                if chunk is None:  # sharded: match the other ranks' passes; adds nothing to the gradient
                     logp, _, _ = self._forward_logprobs(self.core, self._filler(), with_grad=True)
                     if n_seq > 0:
-                        (logp.sum() * 0.0).backward()
+                        self._backward(logp.sum() * 0.0, last)
                     continue
                 mb = [seqs[i] for i in chunk]
                 logp, mask, ent = self._forward_logprobs(self.core, mb, with_grad=True, want_entropy=(it == 0))
@@ -754,7 +810,7 @@ class Trainer:
                         stats["kl"] += float((kl.detach() * mask).sum())
                 loss = alg.aggregate(per_tok, mask, a.loss_type, num_sequences=n_seq, num_tokens=n_tok, max_completion_length=a.max_completion_length)
                 if n_seq > 0:
-                    loss.backward()
+                    self._backward(loss, last)
                 loss_total += float(loss.detach())  # this rank's share of the global loss
                 # Clipping is counted over every iteration: with num_iterations=1 the ratio is 1
                 # by construction, and only later iterations can leave the trust region.
@@ -766,6 +822,20 @@ class Trainer:
                     if ent is not None:
                         stats["entropy"] += float((ent * mask).sum())
             loss_total = self.dist.sum_dict({"loss": loss_total})["loss"]
+            if engine is not None:
+                # DeepSpeed clips (train.max_grad_norm) and steps, and skips the update itself when
+                # the gradient norm is not finite.
+                gn = 0.0
+                if n_seq > 0:
+                    engine.step()
+                    norm = engine.get_global_grad_norm()
+                    gn = float(norm) if norm is not None else float("nan")
+                if not math.isfinite(gn):
+                    skipped = True
+                    break
+                grad_norms.append(gn)
+                stats["loss"] += loss_total / a.num_iterations
+                continue
             self.dist.all_reduce_grads(self.model.parameters())
             params = [p for p in self.model.parameters() if p.grad is not None]
             if params:

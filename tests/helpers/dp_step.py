@@ -5,6 +5,7 @@ Usage: python dp_step.py OUT_DIR key=value ...
 """
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -26,12 +27,31 @@ def main() -> None:
                 # FSDP holds each rank's shard of the summed gradient; gathering is collective.
                 grads[name] = g.full_tensor() if hasattr(g, "full_tensor") else g.clone()
 
-    trainer.optimizer.step = record
+    engine = trainer.dist.engine
+    if engine is None:
+        trainer.optimizer.step = record
+    else:  # DeepSpeed: read the reduced gradient before the engine steps (collective under ZeRO-3)
+        from deepspeed.utils import safe_get_full_grad
+
+        step = engine.step
+
+        def record_then_step():
+            for name, p in trainer.model.named_parameters():
+                g = safe_get_full_grad(p)
+                if g is not None:
+                    grads[name] = g.detach().clone()
+            step()
+
+        engine.step = record_then_step
     metrics = trainer.train_step()
     if trainer.dist.is_main:
         torch.save(grads, out / "grads.pt")
         (out / "metrics.json").write_text(json.dumps({k: v for k, v in metrics.items() if not k.startswith("time/")}))
     trainer.dist.close()
+    if trainer.dist.world > 1:  # as repo_rl.cli does: skip C++ teardown, which gloo can abort
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 if __name__ == "__main__":
