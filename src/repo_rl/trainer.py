@@ -519,10 +519,9 @@ class Trainer:
     def _micro_batches(self, seqs: Sequence[Sequence_]) -> list[Optional[list[int]]]:
         """Indices grouped by total length (less padding); the loss normalisers are global.
 
-        With sharded parameters (FSDP, ZeRO-3) every rank must run the same number of forward
-        and backward passes, so
-        a rank with fewer micro-batches gets ``None`` entries: a one-token forward whose loss
-        is multiplied by zero (see :meth:`_filler`).
+        Under FSDP and DeepSpeed every rank must run the same number of forward and backward
+        passes, so a rank with fewer micro-batches gets ``None`` entries: a one-token forward
+        whose loss is multiplied by zero (see :meth:`_filler`).
         """
         order = sorted(range(len(seqs)), key=lambda i: (len(seqs[i].prompt_ids) + len(seqs[i].completion_ids), i))
         mb = self.cfg.train.micro_batch_size
