@@ -39,22 +39,30 @@ def _env():
     return dict(os.environ, PYTHONPATH=f"{ROOT / 'src'}:{ROOT}", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
 
 
-def _launch(args: list[str], procs: int, config: str = "multi_cpu") -> None:
+def _run(args: list[str], procs: int, config: str = "multi_cpu") -> subprocess.CompletedProcess:
     """Run ``python ARGS`` in one process, or under ``accelerate launch`` with ``procs`` gloo processes."""
     if procs == 1:
         cmd = [sys.executable, *args]
     else:
         cmd = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--config_file",
                str(ROOT / "configs" / "accelerate" / f"{config}.yaml"), "--num_processes", str(procs), *args]
-    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+
+
+def _launch(args: list[str], procs: int, config: str = "multi_cpu") -> None:
+    proc = _run(args, procs, config)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def _train_args(tmp_path, out, over: dict, *extra) -> list[str]:
+    """``repo-rl train`` arguments writing to ``tmp_path/out`` with overrides ``over``."""
+    args = ["-m", "repo_rl.cli", "train", "--config", str(tmp_path / "c.yaml"), "-o", str(tmp_path / out), *extra]
+    return args + [f"{k}={v}" for k, v in over.items()]
 
 
 def _train(tmp_path, out, model, data, steps, procs, *extra, config="multi_cpu"):
     over = dict(OVERRIDES, **{"model.name_or_path": model, "data.train_files": data, "train.max_steps": steps})
-    args = ["-m", "repo_rl.cli", "train", "--config", str(tmp_path / "c.yaml"), "-o", str(tmp_path / out), *extra]
-    args += [f"{k}={v}" for k, v in over.items()]
-    _launch(args, procs, config)
+    _launch(_train_args(tmp_path, out, over, *extra), procs, config)
     return tmp_path / out
 
 
@@ -119,10 +127,7 @@ def test_two_process_resume_equals_uninterrupted_two_process_run(setup):
 def test_prompts_per_step_must_split_over_processes(setup):
     tmp_path, model, data = setup
     over = dict(OVERRIDES, **{"model.name_or_path": model, "data.train_files": data, "train.prompts_per_step": 3, "train.max_steps": 1})
-    cmd = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--config_file", str(ROOT / "configs" / "accelerate" / "multi_cpu.yaml"),
-           "-m", "repo_rl.cli", "train", "--config", str(tmp_path / "c.yaml"), "-o", str(tmp_path / "bad")]
-    cmd += [f"{k}={v}" for k, v in over.items()]
-    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    proc = _run(_train_args(tmp_path, "bad", over), 2)
     assert proc.returncode != 0
     assert "train.prompts_per_step=3" in proc.stderr and "multiple of the 2 processes" in proc.stderr
 
@@ -172,8 +177,7 @@ def test_sharded_resume_equals_uninterrupted_run(setup, config):
     if config.startswith("deepspeed"):
         # DeepSpeed's partitioned optimizer state only loads under DeepSpeed: a clear error elsewhere.
         over = dict(OVERRIDES, **{"model.name_or_path": model, "data.train_files": data, "train.max_steps": 5})
-        cmd = [sys.executable, "-m", "repo_rl.cli", "train", "--config", str(tmp_path / "c.yaml"), "-o", str(part), "--resume"]
-        proc = subprocess.run(cmd + [f"{k}={v}" for k, v in over.items()], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+        proc = _run(_train_args(tmp_path, "part", over, "--resume"), 1)
         assert proc.returncode == 2, proc.stderr[-2000:]
         assert "optimizer state was saved DeepSpeed and cannot be loaded under this launch" in proc.stderr
 
@@ -306,10 +310,7 @@ def test_accelerate_mixed_precision_is_refused_clearly(monkeypatch):
 def test_sharded_launch_with_lora_is_refused(setup, config):
     tmp_path, model, data = setup
     over = dict(OVERRIDES, **{"model.name_or_path": model, "data.train_files": data, "train.max_steps": 1, "model.lora.r": 4})
-    cmd = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--config_file", str(ROOT / "configs" / "accelerate" / f"{config}.yaml"),
-           "--num_processes", "2", "-m", "repo_rl.cli", "train", "--config", str(tmp_path / "c.yaml"), "-o", str(tmp_path / "bad")]
-    cmd += [f"{k}={v}" for k, v in over.items()]
-    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    proc = _run(_train_args(tmp_path, "bad", over), 2, config)
     assert proc.returncode != 0
     what = "FSDP" if config == "fsdp" else "DeepSpeed"
     assert f"model.lora.r with a {what} launch: not supported" in proc.stderr

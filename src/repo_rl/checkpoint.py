@@ -150,13 +150,13 @@ def load_training_state(ckpt: Path, optimizer: Optional[torch.optim.Optimizer], 
 def _load_optimizer_state(ckpt: Path, optimizer: torch.optim.Optimizer, model: Any) -> None:
     """``optimizer.pt`` is either ``optimizer.state_dict()`` (keyed by parameter index) or the
     name-keyed full state a sharded run saves; the latter, and any load into a sharded model, need ``model``."""
+    from .distributed import fsdp_modules, load_named_optimizer_state
+
     opt_state = torch.load(ckpt / "optimizer.pt", weights_only=True)
     named = any(isinstance(k, str) for k in opt_state.get("state", {})) or any(
         isinstance(p, str) for g in opt_state.get("param_groups", []) for p in g.get("params", [])
     )
-    if named or (model is not None and _is_sharded(model)):
-        from .distributed import load_named_optimizer_state
-
+    if named or (model is not None and fsdp_modules(model)):
         if model is None:
             raise ValueError(f"{ckpt}: a name-keyed optimizer state needs the model to load")
         load_named_optimizer_state(model, optimizer, opt_state if named else _index_to_name_keys(opt_state, model))
@@ -171,12 +171,6 @@ def _index_to_name_keys(opt_state: dict[str, Any], model: Any) -> dict[str, Any]
         "state": {names[i]: v for i, v in opt_state["state"].items()},
         "param_groups": [dict(g, params=[names[i] for i in g["params"]]) for g in opt_state["param_groups"]],
     }
-
-
-def _is_sharded(model: Any) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return any(isinstance(m, FSDPModule) for m in model.modules())
 
 
 def load_model_weights(model: Any, ckpt: Path, adapter: bool = False) -> None:

@@ -88,13 +88,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if last:
         _info(f"done: {summary['steps']} steps, reward {last.get('reward', float('nan')):.3f}, checkpoint {out / 'checkpoints'}")
     if trainer.dist.world > 1:
-        # Every rank has passed the final barrier and destroyed its process group; all files are
-        # closed. Leave without C++ static teardown, where gloo's threads can abort an otherwise
-        # finished process ("terminate called without an active exception", seen occasionally on CPU).
-        trainer.scorer.close()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+        trainer.scorer.close()  # exit_process skips the atexit handlers that would stop its workers
+        trainer.dist.exit_process()
     return 0
 
 

@@ -22,6 +22,8 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from .malloc import MAX_KB as MMAP_MAX_KB
+
 
 class ConfigError(ValueError):
     """A configuration value or combination is invalid. The message names the key."""
@@ -629,7 +631,7 @@ def validate(cfg: Config) -> None:
     if t.logprob_chunk_size is not None:
         check(t.logprob_chunk_size >= 1, "train.logprob_chunk_size", "a positive integer or null", t.logprob_chunk_size)
     check(t.max_bad_steps >= 1, "train.max_bad_steps", "an integer >= 1", t.max_bad_steps)
-    check(0 <= t.mmap_threshold_kb <= 32 * 1024, "train.mmap_threshold_kb", "an integer in [0, 32768]", t.mmap_threshold_kb)
+    check(0 <= t.mmap_threshold_kb <= MMAP_MAX_KB, "train.mmap_threshold_kb", f"an integer in [0, {MMAP_MAX_KB}]", t.mmap_threshold_kb)
     check(0 <= t.seed < 2**63, "train.seed", "an integer in [0, 2**63)", t.seed)
     if cfg.data.max_prompt_length is not None:
         check(cfg.data.max_prompt_length >= 1, "data.max_prompt_length", "a positive integer or null", cfg.data.max_prompt_length)

@@ -13,13 +13,17 @@ Two ways to hold the model:
   ``fully_shard`` shards parameters, gradients and optimizer state over the ranks. Each
   decoder layer is one shard unit. Generation runs on all-gathered parameters, so ranks
   may sample different lengths without lock-step collectives; checkpoints hold full
-  (unsharded) weights and optimizer state, so a run resumes under any launcher.
+  (unsharded) weights and optimizer state, so a run resumes under any launcher;
+* DeepSpeed ZeRO-2/3 (``distributed_type: DEEPSPEED``): the trainer wraps model and AdamW in a
+  DeepSpeed engine and keeps driving forward, backward and step; ZeRO-3 generation runs on
+  gathered parameters too. Checkpoints add DeepSpeed's own optimizer partitions.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Mapping, Optional
 
@@ -234,7 +238,7 @@ class Dist:
         return int(t.item())
 
     def all_reduce_grads(self, params: Iterable[torch.nn.Parameter]) -> None:
-        """Sum gradients over ranks in one flat buffer (FSDP has already reduce-scattered them)."""
+        """Sum gradients over ranks in one flat buffer (FSDP and DeepSpeed reduce their own)."""
         if self.world == 1 or self.fsdp is not None or self.deepspeed is not None:
             return
         params = [p for p in params if p.requires_grad]
@@ -256,6 +260,18 @@ class Dist:
         if self.world > 1:
             torch.distributed.barrier()
 
+    def exit_process(self) -> None:
+        """After :meth:`close`, end a multi-process worker at once (no-op with one process).
+
+        Every rank has passed the final barrier and destroyed its process group. Leaving without
+        C++ static teardown avoids gloo's threads aborting an otherwise finished process
+        ("terminate called without an active exception", seen occasionally on CPU).
+        """
+        if self.world > 1:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
+
     def close(self) -> None:
         """Tear the process group down; exiting with it alive can abort in gloo's threads."""
         if self.world > 1 and torch.distributed.is_initialized():
@@ -264,7 +280,7 @@ class Dist:
 
 
 # ---------------------------------------------------------------------------------------- FSDP
-def _fsdp_modules(model: torch.nn.Module) -> list[Any]:
+def fsdp_modules(model: torch.nn.Module) -> list[Any]:
     from torch.distributed.fsdp import FSDPModule
 
     return [m for m in model.modules() if isinstance(m, FSDPModule)]
@@ -292,7 +308,7 @@ def fully_shard_model(model: torch.nn.Module, settings: FsdpSettings) -> torch.n
     for m in units:
         fully_shard(m, reshard_after_forward=settings.reshard_after_forward)
     fully_shard(model, reshard_after_forward=settings.reshard_after_forward)
-    for m in _fsdp_modules(model):
+    for m in fsdp_modules(model):
         m.set_gradient_divide_factor(1.0)
         m.set_force_sum_reduction_for_comms(True)  # plain SUM: gloo has neither AVG nor PREMUL_SUM
     return model
@@ -340,7 +356,7 @@ def full_parameters(model: torch.nn.Module, engine: Any = None) -> Iterator[None
         with _zero3_gathered(engine, ds_params):
             yield
         return
-    mods = _fsdp_modules(model)
+    mods = fsdp_modules(model)
     if not mods:
         yield
         return

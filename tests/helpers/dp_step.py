@@ -5,7 +5,6 @@ Usage: python dp_step.py OUT_DIR key=value ...
 """
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -48,10 +47,7 @@ def main() -> None:
         torch.save(grads, out / "grads.pt")
         (out / "metrics.json").write_text(json.dumps({k: v for k, v in metrics.items() if not k.startswith("time/")}))
     trainer.dist.close()
-    if trainer.dist.world > 1:  # as repo_rl.cli does: skip C++ teardown, which gloo can abort
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+    trainer.dist.exit_process()
 
 
 if __name__ == "__main__":
