@@ -290,3 +290,101 @@ def test_decode_padding_mask_only_for_full_attention_sdpa():
     assert _full_attention_sdpa(model())
     assert not _full_attention_sdpa(model(use_sliding_window=True, sliding_window=8, max_window_layers=0))
     assert not _full_attention_sdpa(model(attn_implementation="eager"))
+
+
+def _tiny_causal_lm(kind: str, tok):
+    """A random tiny model of architecture ``kind`` (llama, qwen2, qwen3) with a large init range."""
+    import transformers
+
+    cls = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3"}[kind]
+    cfg = getattr(transformers, f"{cls}Config")(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+        initializer_range=0.6, tie_word_embeddings=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+    )
+    torch.manual_seed(5)
+    return getattr(transformers, f"{cls}ForCausalLM")(cfg).eval()
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "llama", "qwen3"])
+def test_bucketed_decode_changes_no_sample(kind, monkeypatch):
+    """Short and long prompts decode in one loop with one KV cache per length bucket; tokens and
+    log-probs must equal one padded cache and each row generated alone, also when finished rows
+    are dropped from the buckets mid-call."""
+    tok = make_tokenizer()
+    model = _tiny_causal_lm(kind, tok)
+    short = [tok(p)["input_ids"] for p in ["hi", "z", "ok?", "what is 2+3?"]]
+    long_ = [tok("a much longer prompt, " * k)["input_ids"] for k in (4, 5)]
+    ids = short + long_ + short
+    seeds = list(range(70, 70 + len(ids)))
+    bucketed = HFGenerator(model, [tok.eos_token_id], tok.pad_token_id)
+    padded = HFGenerator(model, [tok.eos_token_id], tok.pad_token_id)
+    assert bucketed._bucketed_decode
+    padded._bucketed_decode = False
+    seen = []
+    prefill = HFGenerator._prefill
+
+    def spy(self, *a, **kw):
+        out = prefill(self, *a, **kw)
+        seen.append(out[2] is not None)
+        return out
+
+    monkeypatch.setattr(HFGenerator, "_prefill", spy)
+    ended_early = False
+    for params in (SamplingParams(40, temperature=0.0), SamplingParams(40, temperature=1.0)):
+        seen.clear()
+        a, alp = bucketed.generate_with_logprobs(ids, params, seeds)
+        assert seen == [True], "the bucketed decode path did not run"
+        b, blp = padded.generate_with_logprobs(ids, params, seeds)
+        alone = [padded.generate([p], params, [s])[0] for p, s in zip(ids, seeds)]
+        assert a == b == alone
+        for x, y in zip(alp, blp):
+            assert torch.allclose(torch.tensor(x), torch.tensor(y), atol=1e-5)
+        ended_early |= any(len(o) < 40 for o in a)
+    assert model.config._attn_implementation == "sdpa"
+    assert ended_early, "no row finished early: row dropping inside buckets was not exercised"
+
+
+def test_bucketed_decode_only_for_known_attention_layouts():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from repo_rl.rollout import _supports_bucketed_decode
+
+    tok = make_tokenizer()
+    assert _supports_bucketed_decode(_tiny_causal_lm("llama", tok))
+    eager = _tiny_causal_lm("qwen2", tok)
+    eager.config._attn_implementation = "eager"
+    assert not _supports_bucketed_decode(eager)
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=1, n_head=2, n_positions=128)).eval()
+    assert not _supports_bucketed_decode(gpt2)
+    # Other architectures still bucket the prefill and decode from one padded cache.
+    gen = HFGenerator(gpt2, [tok.eos_token_id], tok.pad_token_id)
+    ids = [tok("hi")["input_ids"], tok("a much longer prompt, " * 3)["input_ids"]]
+    out = gen.generate(ids, SamplingParams(6, temperature=0.0), [0, 1])
+    assert out == [gen.generate([p], SamplingParams(6, temperature=0.0), [0])[0] for p in ids]
+
+
+def test_select_rows_keeps_bucket_ranges_contiguous():
+    from repo_rl.rollout import _new_cache
+
+    caches = []
+    for n in (3, 2, 2):
+        c = _new_cache(4)
+        c.update(torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1).expand(n, 1, 2, 1).contiguous(),
+                 torch.zeros(n, 1, 2, 1), 0)
+        caches.append(c)
+    buckets = [(0, 3, 5, caches[0]), (3, 5, 9, caches[1]), (5, 7, 20, caches[2])]
+    out = HFGenerator._select_rows(buckets, torch.tensor([0, 2, 5, 6]))
+    assert [(s, e, Lb) for s, e, Lb, _ in out] == [(0, 2, 5), (2, 4, 20)]
+    assert out[0][3].layers[0].keys[:, 0, 0, 0].tolist() == [0.0, 2.0]  # rows 0 and 2 of bucket 0
+
+
+def test_attention_implementation_is_restored_after_an_error():
+    from repo_rl.rollout import _attention_implementation
+
+    model = _tiny_causal_lm("qwen2", make_tokenizer())
+    with pytest.raises(RuntimeError):
+        with _attention_implementation(model, "eager"):
+            assert model.model.layers[0].self_attn.config._attn_implementation == "eager"
+            raise RuntimeError("boom")
+    assert model.config._attn_implementation == "sdpa"

@@ -4,6 +4,11 @@
 row carries its own seed, so a sample depends only on ``(seed, prompt)`` and not on the
 batch it was generated in. With ``temperature=0`` it is greedy decoding and matches
 ``model.generate(do_sample=False)`` token for token.
+
+Prompts of very different lengths (rollouts and RePO's long rephrase prompts in one call) are
+prefilled in length buckets and, for the architectures in :data:`BUCKETED_DECODE_MODEL_TYPES`,
+also decoded in those buckets: one forward per token for the whole batch, with each bucket's
+attention over its own KV cache, so short rows never attend over the padding of long ones.
 """
 
 from __future__ import annotations
@@ -159,6 +164,57 @@ def _full_attention_sdpa(model: Any) -> bool:
     return not getattr(cfg, "use_sliding_window", False) and not getattr(cfg, "attention_chunk_size", None)
 
 
+#: Model types whose attention modules do ``rope -> cache.update -> attention function``, so a
+#: decode step can hand each length bucket its own cache (see :func:`_bucketed_sdpa`).
+BUCKETED_DECODE_MODEL_TYPES = frozenset({"llama", "qwen2", "qwen3", "mistral"})
+
+_BUCKETED_ATTENTION = "repo_rl_bucketed_sdpa"
+
+
+def _bucketed_sdpa(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: Any,
+                   repo_rl_buckets: Sequence[tuple[int, int, Any, torch.Tensor]] = (), **kwargs: Any):
+    """transformers' SDPA attention, run once per length bucket of a decode step.
+
+    ``repo_rl_buckets`` holds ``(start, end, cache, mask)`` for each contiguous block of rows:
+    the new token's keys and values go into that bucket's cache, and its queries attend over
+    that cache under its own padding mask. The model's own mask (``attention_mask``) is unused.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    outs = []
+    for s, e, cache, mask in repo_rl_buckets:
+        k, v = cache.update(key[s:e], value[s:e], module.layer_idx)
+        outs.append(sdpa_attention_forward(module, query[s:e], k, v, mask, **kwargs)[0])
+    return (torch.cat(outs) if len(outs) > 1 else outs[0]), None
+
+
+@functools.lru_cache(maxsize=None)
+def _register_bucketed_attention() -> str:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(_BUCKETED_ATTENTION, _bucketed_sdpa)
+    return _BUCKETED_ATTENTION
+
+
+def _supports_bucketed_decode(model: Any) -> bool:
+    cfg = getattr(model, "config", None)
+    return _full_attention_sdpa(model) and getattr(cfg, "model_type", None) in BUCKETED_DECODE_MODEL_TYPES
+
+
+@contextlib.contextmanager
+def _attention_implementation(model: Any, name: str):
+    """Every config of ``model``'s modules set to attention implementation ``name``, restored after."""
+    configs = {id(c): c for c in (getattr(m, "config", None) for m in model.modules()) if hasattr(c, "_attn_implementation_internal")}
+    saved = {k: c._attn_implementation_internal for k, c in configs.items()}
+    try:
+        for c in configs.values():
+            c._attn_implementation_internal = name
+        yield
+    finally:
+        for k, c in configs.items():
+            c._attn_implementation_internal = saved[k]
+
+
 class HFGenerator:
     """KV-cached sampling for a Hugging Face causal LM, with per-row seeds.
 
@@ -166,7 +222,7 @@ class HFGenerator:
     the KV cache whenever a quarter of the remaining rows have finished, so long tails of a
     few unfinished rows do not pay for the whole batch. With ``bucket_prefill`` (the default),
     prompts of very different lengths are prefilled in separate length buckets (see
-    :meth:`_prefill`).
+    :meth:`_prefill`) and, where the architecture allows it, decoded in them too.
     """
 
     def __init__(
@@ -191,6 +247,7 @@ class HFGenerator:
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self._keep_kw = "logits_to_keep" in params
         self._mask4d = _full_attention_sdpa(model)
+        self._bucketed_decode = bucket_prefill and _supports_bucketed_decode(model)
 
     def _autocast(self):
         if self.autocast_dtype is None:
@@ -272,11 +329,13 @@ class HFGenerator:
         # One autocast region for the whole call: its cache keeps the low-precision copy of each
         # weight for every decode step instead of re-casting all weights per token (2.2x faster
         # decoding for SmolLM2 in bf16 on CPU). Sampling runs with autocast off, in fp32.
-        with self._autocast():
-            cache, logits = self._prefill(prompts, L, T, extra)
+        with self._autocast(), contextlib.ExitStack() as decoding:
+            cache, logits, buckets = self._prefill(prompts, L, T, extra)
+            if buckets is not None:
+                decoding.enter_context(_attention_implementation(self.model, _register_bucketed_attention()))
             next_pos = pos[:, -1:] + 1
             rows = torch.arange(B, device=device)  # the call's row index of each row still in the batch
-            compact = self.compact and hasattr(cache, "batch_select_indices")
+            compact = self.compact and (buckets is not None or hasattr(cache, "batch_select_indices"))
             for t in range(T):
                 with self._no_autocast():
                     nxt = self._sample(logits, params, None if uniforms is None else uniforms[:, t])
@@ -293,7 +352,10 @@ class HFGenerator:
                     # A quarter of the rows have finished: drop them from the batch and the KV cache,
                     # so the remaining decode steps compute only rows that still sample.
                     keep = (~done).nonzero().squeeze(-1)
-                    cache.batch_select_indices(keep)
+                    if buckets is None:
+                        cache.batch_select_indices(keep)
+                    else:
+                        buckets = self._select_rows(buckets, keep)
                     rows, done, nxt, next_pos, attn_full = rows[keep], done[keep], nxt[keep], next_pos[keep], attn_full[keep]
                     if uniforms is not None:
                         uniforms = uniforms[keep]
@@ -304,14 +366,13 @@ class HFGenerator:
                     mask = attn_full[:, None, None, : L + t + 1].bool()
                 else:
                     mask = attn_full[:, : L + t + 1]
-                outp = self.model(
-                    input_ids=nxt.unsqueeze(1),
-                    attention_mask=mask,
-                    position_ids=next_pos,
-                    use_cache=True,
-                    **{self._cache_kw: cache},
-                    **extra,
-                )
+                if buckets is None:
+                    step_kw = {"use_cache": True, self._cache_kw: cache}
+                else:
+                    # Bucket b's cache holds its rows left-padded to its own longest prompt Lb: the
+                    # last Lb + t + 1 columns of the call's mask.
+                    step_kw = {"use_cache": False, "repo_rl_buckets": [(s, e, c, mask[s:e, ..., L - Lb :]) for s, e, Lb, c in buckets]}
+                outp = self.model(input_ids=nxt.unsqueeze(1), attention_mask=mask, position_ids=next_pos, **step_kw, **extra)
                 logits = outp.logits[:, -1, :].float()
                 next_pos = next_pos + 1
         tokens, lengths = tokens.cpu(), lengths.cpu()
@@ -351,19 +412,28 @@ class HFGenerator:
         return cache, outp.logits[:, -1, :].float()
 
     def _prefill(self, prompts: Sequence[Sequence[int]], L: int, T: int, extra: dict):
-        """The prompt forward pass, returning a KV cache left-padded to ``L`` and the last logits.
+        """The prompt forward pass: ``(cache, last logits, buckets)``.
 
         Prompts of very different lengths (e.g. rollouts and rephrase prompts in one call) are
-        prefilled in length buckets, so short prompts do not pay for the padding of long ones;
-        the bucket caches are then left-padded with masked zeros and stacked into one cache.
+        prefilled in length buckets, so short prompts do not pay for the padding of long ones.
+        With bucketed decoding (prompts sorted by length, so each bucket is a contiguous block
+        of rows), the bucket caches are kept apart: ``buckets`` is ``[(start, end, Lb, cache)]``
+        and ``cache`` is None. Otherwise ``buckets`` is None and the bucket caches are
+        left-padded to ``L`` with masked zeros and stacked into one cache.
         """
         rows_all = list(range(len(prompts)))
         buckets = self._buckets([len(p) for p in prompts]) if self.bucket_prefill else [rows_all]
         if len(buckets) == 1:
-            return self._prefill_one(prompts, rows_all, L + T, extra)
+            return (*self._prefill_one(prompts, rows_all, L + T, extra), None)
+        if self._bucketed_decode and self._mask4d and [i for rows in buckets for i in rows] == rows_all:
+            parts = []
+            for rows in buckets:
+                Lb = max(len(prompts[i]) for i in rows)
+                parts.append((rows[0], rows[-1] + 1, Lb, *self._prefill_one(prompts, rows, Lb + T, extra)))
+            return None, torch.cat([lg for *_, lg in parts]), [part[:4] for part in parts]
         parts = [(rows, *self._prefill_one(prompts, rows, 0, extra)) for rows in buckets]  # copied below
         if not all(hasattr(c, "layers") and all(hasattr(x, "keys") for x in c.layers) for _, c, _ in parts):
-            return self._prefill_one(prompts, rows_all, L + T, extra)  # caches we cannot stack
+            return (*self._prefill_one(prompts, rows_all, L + T, extra), None)  # caches we cannot stack
         B = len(prompts)
         inv = torch.empty(B, dtype=torch.long)
         inv[torch.tensor([i for rows, _, _ in parts for i in rows])] = torch.arange(B)
@@ -378,7 +448,22 @@ class HFGenerator:
             dev = ks[0].device
             merged.update(torch.cat(ks)[inv.to(dev)], torch.cat(vs)[inv.to(dev)], li)
         logits = torch.cat([lg for _, _, lg in parts])[inv.to(parts[0][2].device)]
-        return merged, logits
+        return merged, logits, None
+
+    @staticmethod
+    def _select_rows(buckets: list, keep: torch.Tensor) -> list:
+        """Bucket caches and row ranges after keeping rows ``keep`` (sorted) of the batch."""
+        out, start = [], 0
+        for s, e, Lb, cache in buckets:
+            sel = keep[(keep >= s) & (keep < e)] - s
+            n = int(sel.numel())
+            if n == 0:
+                continue
+            if n < e - s:
+                cache.batch_select_indices(sel)
+            out.append((start, start + n, Lb, cache))
+            start += n
+        return out
 
     @staticmethod
     def _sample(logits: torch.Tensor, params: SamplingParams, u: Optional[torch.Tensor]) -> torch.Tensor:
