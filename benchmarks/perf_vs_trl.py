@@ -16,7 +16,9 @@ per optimizer step, precision (fp32; ``--bf16``: bf16 autocast in all) and torch
   ``per_device_train_batch_size`` = completions per step, so one timed optimizer step covers the
   generation, scoring and update of exactly the same number of completions as one of our steps).
   Same reward function, ``beta=0``, same ``loss_type`` (dapo), ``bf16`` set explicitly (TRL's
-  default is True), TRL's default optimizer (``adamw_torch_fused``).
+  default is True), TRL's default optimizer (``adamw_torch_fused``). Activation checkpointing is
+  the same in all three (``--gradient-checkpointing``, default off) and set explicitly for TRL,
+  whose ``GRPOConfig`` turns it on by default: it trades TRL's step time for its memory.
 
 Every completion is exactly ``T`` tokens long on both sides: the random models of cases a/b use a
 character tokenizer whose EOS id lies outside the model's vocabulary (it can never be sampled);
@@ -308,6 +310,7 @@ def worker_ours(method: str, spec: dict, chan: Chan) -> None:
         "train.seed": 0,
         "train.threads": spec["threads"],
         "train.bf16": "true" if spec["bf16"] else "false",
+        "train.gradient_checkpointing": "true" if spec["gradient_checkpointing"] else "false",
         "train.device": "cpu",
         "train.save_every": 0,
         "logging.progress": "false",
@@ -406,6 +409,7 @@ def worker_trl(spec: dict, chan: Chan) -> None:
         save_strategy="no",
         use_cpu=True,
         bf16=bool(spec["bf16"]),
+        gradient_checkpointing=bool(spec["gradient_checkpointing"]),  # TRL's own default is True
         fp16=False,
         disable_tqdm=True,
         seed=0,
@@ -658,6 +662,7 @@ def run_case(name: str, args, work_root: Path) -> dict:
     data = work / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     spec = {"case": case, "model_dir": str(model_dir), "data_jsonl": str(data), "threads": args.threads, "bf16": args.bf16,
+            "gradient_checkpointing": args.gradient_checkpointing == "on",
             "loss_type": args.loss_type, "micro_batch": args.micro_batch, "suppress_eos": info["suppress_eos"], "work": str(work),
             "overrides": list(args.set)}
     spec_path = work / "spec.json"
@@ -875,6 +880,8 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=1, help="untimed warm-up steps per contender (default 1)")
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads in every worker (default 2)")
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast in all contenders (default fp32)")
+    ap.add_argument("--gradient-checkpointing", default="off", choices=["off", "on"],
+                    help="activation checkpointing in all contenders (default off; TRL's GRPOConfig defaults to on)")
     ap.add_argument("--loss-type", default="dapo", choices=["grpo", "dr_grpo", "dapo"], help="passed to both trainers")
     ap.add_argument("--micro-batch", type=int, default=None,
                     help="our train.micro_batch_size (default: all completions of a step in one pass, like TRL here)")
@@ -921,7 +928,7 @@ def main(argv=None) -> int:
     env = environment()
     print(f"perf_vs_trl: {env.get('cpu')} ({env.get('nproc')} cpus), torch {env.get('torch')}, transformers "
           f"{env.get('transformers')}, trl {env.get('trl')}; {args.threads} threads, {'bf16 autocast' if args.bf16 else 'fp32'}, "
-          f"loss_type={args.loss_type}; load average {os.getloadavg()}", flush=True)
+          f"gradient checkpointing {args.gradient_checkpointing}, loss_type={args.loss_type}; load average {os.getloadavg()}", flush=True)
     results = []
     t0 = time.perf_counter()
     out_path = Path(args.out)

@@ -6,7 +6,9 @@ prompts plus 2 rephrase rows with 350-token prompts, 64 new tokens each, 2 threa
     python benchmarks/rephrase_batching_bench.py [--repeats 5]
 
 Prints the median seconds of: the rollouts alone; rollouts then a separate rephrase call; one
-merged call (length-bucketed prefill, the default); one merged call with a single padded prefill.
+merged call decoded in length buckets, each with its own KV cache (the default); one merged call
+prefilled in buckets but decoded from one padded cache; one merged call with a single padded
+prefill and cache.
 """
 
 from __future__ import annotations
@@ -39,13 +41,16 @@ def main() -> None:
     params = SamplingParams(64, temperature=1.0)
     eos = [vocab]
     bucketed = HFGenerator(model, eos, 0)
+    one_cache = HFGenerator(model, eos, 0)
+    one_cache._bucketed_decode = False  # bucketed prefill, then one cache padded to the longest prompt
     padded = HFGenerator(model, eos, 0, bucket_prefill=False)
     seeds = list(range(len(rollouts) + len(rephrases)))
     runs = {
         "rollouts alone": lambda: bucketed.generate(rollouts, params, seeds[:32]),
         "rollouts + separate rephrase call": lambda: (bucketed.generate(rollouts, params, seeds[:32]),
                                                       bucketed.generate(rephrases, params, seeds[32:])),
-        "one merged call, bucketed prefill": lambda: bucketed.generate(rollouts + rephrases, params, seeds),
+        "one merged call, bucketed decode": lambda: bucketed.generate(rollouts + rephrases, params, seeds),
+        "one merged call, one padded cache": lambda: one_cache.generate(rollouts + rephrases, params, seeds),
         "one merged call, one padded prefill": lambda: padded.generate(rollouts + rephrases, params, seeds),
     }
     times: dict[str, list[float]] = {k: [] for k in runs}
