@@ -34,6 +34,7 @@ from repo_rl.algorithms import (
     replacement_slots,
     token_logprobs,
 )
+from repo_rl import algorithms as alg
 
 EPS = 1e-4
 NAN = float("nan")
@@ -835,3 +836,26 @@ def test_register_new_method():
             register_method(MethodSpec(name, "again"))
     finally:
         METHODS.pop(name, None)
+
+
+def test_zero_gradient_rows_by_hand():
+    adv = torch.tensor([0.0, 0.5, 0.0, 0.0, -1.0])
+    kinds = torch.tensor([alg.KIND_POLICY, alg.KIND_POLICY, alg.KIND_SHAPED, alg.KIND_SFT, alg.KIND_SHAPED])
+    assert alg.zero_gradient_rows(adv, kinds, beta=0.0).tolist() == [True, False, True, False, False]
+    assert alg.zero_gradient_rows(adv, kinds, beta=0.04).tolist() == [False] * 5
+
+
+def test_zero_gradient_rows_have_exactly_zero_loss_gradient():
+    """Against autograd on mixed_token_loss, row by row, for random log-probs and ratios."""
+    g = torch.Generator().manual_seed(0)
+    B, T = 6, 5
+    adv = torch.tensor([0.0, 1.0, 0.0, 0.0, -0.5, 0.0])
+    kinds = torch.tensor([alg.KIND_POLICY, alg.KIND_POLICY, alg.KIND_SHAPED, alg.KIND_SFT, alg.KIND_SHAPED, alg.KIND_POLICY])
+    logp = (-torch.rand(B, T, generator=g) * 3).requires_grad_()
+    old = logp.detach() + 0.3 * torch.randn(B, T, generator=g)  # ratios away from 1, some clipped
+    loss, _, _ = alg.mixed_token_loss(logp, old, adv, kinds, 0.2, 0.2)
+    loss.sum().backward()
+    flagged = alg.zero_gradient_rows(adv, kinds, beta=0.0)
+    for i in range(B):
+        zero_row = bool((logp.grad[i] == 0).all()) and bool((loss[i] == 0).all())
+        assert zero_row == bool(flagged[i]), i

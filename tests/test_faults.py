@@ -55,7 +55,7 @@ SHIM = r'''
 
 Inactive unless REPO_RL_FAULT="<point>@<step>" is set. Points (step = 1-based training step):
   generate              SIGKILL right after the rollouts of the step were generated
-  update                SIGKILL inside the update (after its first loss aggregation)
+  update                SIGKILL inside the update (after its first backward pass)
   metrics_torn          write half of the step's metrics.jsonl line, fsync, SIGKILL
   save:optimizer_torn   inside save_checkpoint(step): half of optimizer.pt written, SIGKILL
   save:rng_state        inside save_checkpoint(step): weights, tokenizer, optimizer and scheduler written, SIGKILL
@@ -107,15 +107,15 @@ if _SPEC:
 
         _ro.HFGenerator._generate = _patched_generate
     elif _POINT == "update":
-        _aggregate = _tr.alg.aggregate
+        _backward = _tr.Trainer._backward  # every update runs one (a zero-loss filler when no row has a gradient)
 
-        def _patched_aggregate(*a, **k):
-            out = _aggregate(*a, **k)
+        def _patched_backward(self, *a, **k):
+            out = _backward(self, *a, **k)
             if _NOW["step"] == _AT:
                 _die("inside the update")
             return out
 
-        _tr.alg.aggregate = _patched_aggregate
+        _tr.Trainer._backward = _patched_backward
     elif _POINT == "metrics_torn":
         _write = _tk.JsonlWriter.write
 

@@ -319,3 +319,64 @@ def test_clip_ratio_counts_every_ppo_iteration(tmp_path, tiny_model_dir, tiny_da
         ratios[iters] = [r["clip_ratio"] for r in rows]
     assert ratios[1] == [0.0, 0.0]
     assert all(0 < c <= 0.5 for c in ratios[2]), ratios[2]  # at most the second half of the passes
+
+
+def _step_with_grads(trainer):
+    grads = {}
+    step = trainer.optimizer.step
+
+    def record(*a, **k):
+        for n, p in trainer.model.named_parameters():
+            if p.grad is not None:
+                grads[n] = p.grad.clone()
+        return step(*a, **k)
+
+    trainer.optimizer.step = record
+    return trainer.train_step(), grads
+
+
+@pytest.mark.parametrize("method", ["grpo", "repo"])
+def test_skipping_zero_advantage_rows_changes_no_loss_gradient_or_weight(tmp_path, tiny_model_dir, tiny_data, method):
+    """Groups with equal rewards (and masked rows) are not forwarded; the normalisers still count
+    them, so loss, gradient and weights equal a run that forwards every row."""
+    out = {}
+    for skip in ("true", "false"):
+        cfg = build_config({}, tiny_overrides(tiny_model_dir, tiny_data, **{
+            "algorithm.method": method, "reward.funcs": "[tests.helpers.rewards:flat_for_even_answers]",
+            "train.skip_zero_advantage": skip, "train.max_grad_norm": 0, "train.prompts_per_step": 6,
+            "repo.rho": 0.0, "repo.allow_unverified": "true", "train.seed": 3}))
+        t = Trainer(cfg, tmp_path / f"{method}-{skip}", progress=False)
+        out[skip] = [_step_with_grads(t) for _ in range(2)], {n: p.detach().clone() for n, p in t.model.named_parameters()}
+    (steps_skip, w_skip), (steps_all, w_all) = out["true"], out["false"]
+    for (m_skip, g_skip), (m_all, g_all) in zip(steps_skip, steps_all):
+        assert m_skip["frac_reward_zero_std"] == m_all["frac_reward_zero_std"] > 0
+        assert m_skip["train/rows_not_forwarded"] > 0 and m_all["train/rows_not_forwarded"] == 0
+        assert m_skip["loss"] == pytest.approx(m_all["loss"], abs=1e-6)
+        assert g_skip.keys() == g_all.keys() and g_skip
+        for k in g_skip:
+            assert torch.allclose(g_skip[k], g_all[k], atol=1e-6, rtol=1e-4), k
+    for k in w_skip:
+        assert torch.allclose(w_skip[k], w_all[k], atol=1e-6), k
+
+
+def test_a_step_with_only_zero_advantage_rows_still_steps_the_optimizer(tmp_path, tiny_model_dir, tiny_data):
+    """With nothing to forward, a zero-loss filler pass gives every parameter a zero gradient, so
+    AdamW still applies its decoupled weight decay, exactly as when every row is forwarded."""
+    weights = {}
+    for skip in ("true", "false"):
+        cfg = build_config({}, tiny_overrides(tiny_model_dir, tiny_data, **{
+            "algorithm.method": "grpo", "reward.funcs": "[tests.helpers.rewards:always_one]",
+            "train.skip_zero_advantage": skip, "train.weight_decay": 0.5, "train.max_steps": 1}))
+        t = Trainer(cfg, tmp_path / skip, progress=False)
+        m = t.train_step()
+        assert m["frac_reward_zero_std"] == 1.0 and m["loss"] == 0.0
+        weights[skip] = {n: p.detach().clone() for n, p in t.model.named_parameters()}
+        if skip == "true":
+            assert m["train/rows_not_forwarded"] == 12
+            assert m["entropy"] != m["entropy"]  # NaN: no trained token to average over
+    from transformers import AutoModelForCausalLM
+
+    initial = dict(AutoModelForCausalLM.from_pretrained(tiny_model_dir).named_parameters())
+    for k, w in weights["true"].items():
+        assert torch.equal(w, weights["false"][k]), k
+    assert any(not torch.equal(w, initial[k].detach()) for k, w in weights["true"].items()), "weight decay was not applied"

@@ -226,6 +226,11 @@ class TrainConfig:
     """torch intra-op threads (None: torch default)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
+    skip_zero_advantage: bool = True
+    """Skip the forward and backward pass of rows with zero gradient: zero advantage (e.g. every group
+    whose rewards are all equal) with ``algorithm.beta=0``, or masked out. The loss and gradient are
+    unchanged (the normalisers still count those rows); ``entropy`` and ``clip_ratio`` then cover the
+    trained rows only."""
     logprob_chunk_size: Optional[int] = None
     """Compute log-probs this many positions at a time so vocab x length logits never exist at once (None: off)."""
     mmap_threshold_kb: int = 0

@@ -516,14 +516,15 @@ class Trainer:
             logp, ent = completion_logprobs(model, ids, attn, pos, P, T, self.cfg.train.logprob_chunk_size, want_entropy)
         return logp, cmask, ent
 
-    def _micro_batches(self, seqs: Sequence[Sequence_]) -> list[Optional[list[int]]]:
-        """Indices grouped by total length (less padding); the loss normalisers are global.
+    def _micro_batches(self, seqs: Sequence[Sequence_], rows: Optional[Sequence[int]] = None) -> list[Optional[list[int]]]:
+        """Indices of ``rows`` (default: all) grouped by total length (less padding); the loss normalisers are global.
 
         Under FSDP and DeepSpeed every rank must run the same number of forward and backward
         passes, so a rank with fewer micro-batches gets ``None`` entries: a one-token forward
         whose loss is multiplied by zero (see :meth:`_filler`).
         """
-        order = sorted(range(len(seqs)), key=lambda i: (len(seqs[i].prompt_ids) + len(seqs[i].completion_ids), i))
+        rows = range(len(seqs)) if rows is None else rows
+        order = sorted(rows, key=lambda i: (len(seqs[i].prompt_ids) + len(seqs[i].completion_ids), i))
         mb = self.cfg.train.micro_batch_size
         chunks: list[Optional[list[int]]] = [order[s : s + mb] for s in range(0, len(order), mb)]
         if self.dist.sharded:
@@ -547,9 +548,10 @@ class Trainer:
         return [Sequence_([pad], [pad], truncated=False)]
 
     @torch.no_grad()
-    def _logprobs_all(self, model: Any, seqs: Sequence[Sequence_]) -> list[torch.Tensor]:
+    def _logprobs_all(self, model: Any, seqs: Sequence[Sequence_], rows: Optional[Sequence[int]] = None) -> list[torch.Tensor]:
+        """Log-probs of the completions of ``rows`` (default: all); None for the others."""
         out: list[torch.Tensor] = [None] * len(seqs)  # type: ignore[list-item]
-        for chunk in self._micro_batches(seqs):
+        for chunk in self._micro_batches(seqs, rows):
             if chunk is None:
                 self._forward_logprobs(model, self._filler(), with_grad=False)
                 continue
@@ -753,14 +755,23 @@ class Trainer:
             "tok": float(sum(len(s.completion_ids) for s, v in zip(seqs, loss_mask_seq.tolist()) if v)),
         })
         n_seq, n_tok = int(totals["seq"]), int(totals["tok"])
+        # Rows with zero loss and gradient (masked out, or zero advantage without a KL term) are
+        # not forwarded; the normalisers above still count them, so loss and gradient are unchanged.
+        # Injected rephrasings always are: their forward gives repo/logp_gap.
+        trained = loss_mask_seq.clone()
+        if cfg.train.skip_zero_advantage:
+            kinds_all = torch.tensor([s.kind for s in seqs], dtype=torch.long)
+            trained &= ~alg.zero_gradient_rows(advantages.cpu(), kinds_all, a.beta)
+            trained[list(batch.gap_under_p)] = loss_mask_seq[list(batch.gap_under_p)]
+        rows = trained.nonzero().squeeze(-1).tolist()
         t0 = time.perf_counter()
-        old_logps = self._logprobs_all(self.core, seqs) if a.num_iterations > 1 else None
+        old_logps = self._logprobs_all(self.core, seqs, rows) if a.num_iterations > 1 else None
         ref_logps = None
         if self.ref_model is not None:
-            ref_logps = self._logprobs_all(self.ref_model, seqs)
+            ref_logps = self._logprobs_all(self.ref_model, seqs, rows)
         elif self.lora and a.beta > 0:
             with self.model.disable_adapter():  # the reference is the base model: no second copy
-                ref_logps = self._logprobs_all(self.core, seqs)
+                ref_logps = self._logprobs_all(self.core, seqs, rows)
         timings["logprobs"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         stats = {"loss": 0.0, "clip_low": 0.0, "clip_high": 0.0, "clip_tokens": 0.0, "kl": 0.0, "entropy": 0.0, "tokens": 0.0}
@@ -771,7 +782,11 @@ class Trainer:
             if engine is None:
                 self.optimizer.zero_grad(set_to_none=True)
             loss_total = 0.0
-            chunks = self._micro_batches(seqs)
+            chunks = self._micro_batches(seqs, rows)
+            if not chunks and n_seq > 0:
+                # Every row here has zero gradient: a zero-loss filler pass still gives every
+                # parameter a (zero) gradient, so the optimizer steps exactly as without skipping.
+                chunks = [None]
             for ci, chunk in enumerate(chunks):
                 last = ci == len(chunks) - 1
                 if chunk is None:  # sharded: match the other ranks' passes; adds nothing to the gradient
@@ -865,7 +880,7 @@ class Trainer:
             "clip_ratio/low_mean": stats["clip_low"] / ctok,
             "clip_ratio/high_mean": stats["clip_high"] / ctok,
             "clip_ratio/region_mean": (stats["clip_low"] + stats["clip_high"]) / ctok,
-            "entropy": stats["entropy"] / tok,
+            "entropy": stats["entropy"] / stats["tokens"] if stats["tokens"] else float("nan"),
             "kl": stats["kl"] / tok if a.beta > 0 else 0.0,
             "learning_rate": self.scheduler.get_last_lr()[0],
         }
@@ -876,6 +891,7 @@ class Trainer:
         else:
             self.bad_steps_consecutive = 0
         out["train/skipped_step"] = float(skipped)
+        out["train/rows_not_forwarded"] = self.dist.sum_dict({"n": float(len(seqs) - len(rows))})["n"]
         out["train/bad_steps"] = float(self.bad_steps_total)
         return out
 

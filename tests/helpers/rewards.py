@@ -21,3 +21,13 @@ not_callable = 42
 def text_length(prompts, completions, answer, **kwargs):
     """Completion length in characters / 10: differs within almost every group (a dense signal)."""
     return [len(_text(c)) / 10.0 for c in completions]
+
+
+def always_one(prompts, completions, answer, **kwargs):
+    """1.0 for everything: every group has zero reward variance, so every advantage is 0."""
+    return [1.0 for _ in completions]
+
+
+def flat_for_even_answers(prompts, completions, answer, **kwargs):
+    """1.0 where the answer is even (zero-variance groups), completion length / 10 elsewhere."""
+    return [1.0 if int(a) % 2 == 0 else len(_text(c)) / 10.0 for c, a in zip(completions, answer)]

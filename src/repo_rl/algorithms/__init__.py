@@ -26,6 +26,7 @@ from .losses import (
     masked_mean,
     mixed_token_loss,
     token_logprobs,
+    zero_gradient_rows,
 )
 from .methods import METHODS, MethodSpec, register_method
 
@@ -35,6 +36,7 @@ __all__ = [
     "KIND_SHAPED",
     "luffy_shaping",
     "mixed_token_loss",
+    "zero_gradient_rows",
     "METHODS",
     "MethodSpec",
     "ORIGIN_EXPERT",

@@ -109,6 +109,19 @@ KIND_SFT = 2
 """Negative log-likelihood (HPT/ReLIFT switch, SFT)."""
 
 
+def zero_gradient_rows(advantages: torch.Tensor, kinds: torch.Tensor, beta: float) -> torch.Tensor:
+    """``[B]`` bool: rows whose :func:`mixed_token_loss` and its gradient are exactly zero.
+
+    Policy and shaped rows with advantage 0 lose ``-min(r * 0, clip(r) * 0)`` or ``-f(p) * 0``
+    at every token, whatever the log-probs; SFT rows (``-log p``) always have a gradient, and so
+    does every row once a KL penalty is added (``beta != 0``). Such rows need no forward or
+    backward pass, as long as the loss normalisers still count them.
+    """
+    if beta != 0:
+        return torch.zeros(advantages.shape, dtype=torch.bool, device=advantages.device)
+    return (advantages == 0) & (kinds != KIND_SFT)
+
+
 def luffy_shaping(p: torch.Tensor, gamma: float) -> torch.Tensor:
     """LUFFY's policy shaping ``f(p) = p / (p + gamma)`` of a token probability."""
     return p / (p + gamma)
