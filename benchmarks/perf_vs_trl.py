@@ -19,6 +19,8 @@ per optimizer step, precision (fp32; ``--bf16``: bf16 autocast in all) and torch
   default is True), TRL's default optimizer (``adamw_torch_fused``). Activation checkpointing is
   the same in all three (``--gradient-checkpointing``, default off) and set explicitly for TRL,
   whose ``GRPOConfig`` turns it on by default: it trades TRL's step time for its memory.
+  Our ``train.skip_zero_advantage`` is off unless ``--skip-zero-advantage`` is given: under the
+  parity reward every advantage is zero, so with it our update would have nothing to compute.
 
 Every completion is exactly ``T`` tokens long on both sides: the random models of cases a/b use a
 character tokenizer whose EOS id lies outside the model's vocabulary (it can never be sampled);
@@ -311,6 +313,7 @@ def worker_ours(method: str, spec: dict, chan: Chan) -> None:
         "train.threads": spec["threads"],
         "train.bf16": "true" if spec["bf16"] else "false",
         "train.gradient_checkpointing": "true" if spec["gradient_checkpointing"] else "false",
+        "train.skip_zero_advantage": "true" if spec.get("skip_zero_advantage") else "false",
         "train.device": "cpu",
         "train.save_every": 0,
         "logging.progress": "false",
@@ -662,7 +665,7 @@ def run_case(name: str, args, work_root: Path) -> dict:
     data = work / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     spec = {"case": case, "model_dir": str(model_dir), "data_jsonl": str(data), "threads": args.threads, "bf16": args.bf16,
-            "gradient_checkpointing": args.gradient_checkpointing == "on",
+            "gradient_checkpointing": args.gradient_checkpointing == "on", "skip_zero_advantage": args.skip_zero_advantage,
             "loss_type": args.loss_type, "micro_batch": args.micro_batch, "suppress_eos": info["suppress_eos"], "work": str(work),
             "overrides": list(args.set)}
     spec_path = work / "spec.json"
@@ -882,6 +885,9 @@ def main(argv=None) -> int:
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast in all contenders (default fp32)")
     ap.add_argument("--gradient-checkpointing", default="off", choices=["off", "on"],
                     help="activation checkpointing in all contenders (default off; TRL's GRPOConfig defaults to on)")
+    ap.add_argument("--skip-zero-advantage", action="store_true",
+                    help="let our trainer skip rows with zero gradient (its default; off here, because under the "
+                         "parity reward every GRPO row has zero advantage and TRL forwards them all)")
     ap.add_argument("--loss-type", default="dapo", choices=["grpo", "dr_grpo", "dapo"], help="passed to both trainers")
     ap.add_argument("--micro-batch", type=int, default=None,
                     help="our train.micro_batch_size (default: all completions of a step in one pass, like TRL here)")
