@@ -755,15 +755,15 @@ class Trainer:
             "tok": float(sum(len(s.completion_ids) for s, v in zip(seqs, loss_mask_seq.tolist()) if v)),
         })
         n_seq, n_tok = int(totals["seq"]), int(totals["tok"])
-        # Rows with zero loss and gradient (masked out, or zero advantage without a KL term) are
-        # not forwarded; the normalisers above still count them, so loss and gradient are unchanged.
-        # Injected rephrasings always are: their forward gives repo/logp_gap.
-        trained = loss_mask_seq.clone()
+        # train.skip_zero_advantage: rows with zero loss and gradient (masked out, or zero advantage
+        # without a KL term) are not forwarded; the normalisers above still count them, so loss and
+        # gradient are unchanged. Injected rephrasings are forwarded anyway, for repo/logp_gap.
+        rows = list(range(len(seqs)))
         if cfg.train.skip_zero_advantage:
             kinds_all = torch.tensor([s.kind for s in seqs], dtype=torch.long)
-            trained &= ~alg.zero_gradient_rows(advantages.cpu(), kinds_all, a.beta)
+            trained = loss_mask_seq & ~alg.zero_gradient_rows(advantages.cpu(), kinds_all, a.beta)
             trained[list(batch.gap_under_p)] = loss_mask_seq[list(batch.gap_under_p)]
-        rows = trained.nonzero().squeeze(-1).tolist()
+            rows = trained.nonzero().squeeze(-1).tolist()
         t0 = time.perf_counter()
         old_logps = self._logprobs_all(self.core, seqs, rows) if a.num_iterations > 1 else None
         ref_logps = None
@@ -789,7 +789,7 @@ class Trainer:
                 chunks = [None]
             for ci, chunk in enumerate(chunks):
                 last = ci == len(chunks) - 1
-                if chunk is None:  # sharded: match the other ranks' passes; adds nothing to the gradient
+                if chunk is None:  # a filler (see above, and _micro_batches); adds nothing to the gradient
                     logp, _, _ = self._forward_logprobs(self.core, self._filler(), with_grad=True)
                     if n_seq > 0:
                         self._backward(logp.sum() * 0.0, last)
