@@ -30,6 +30,15 @@ def varied_model():
 PROMPTS = ["what is 2+3?", "hi", "a much longer prompt, with 123 digits", "z"]
 
 
+def hf_greedy(model, tok, prompt: list[int], max_new_tokens: int) -> list[int]:
+    """``model.generate(do_sample=False)`` on one unpadded prompt, cut after the first EOS."""
+    ref = model.generate(
+        torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long), do_sample=False,
+        max_new_tokens=max_new_tokens, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )[0, len(prompt):].tolist()
+    return ref[: ref.index(tok.eos_token_id) + 1] if tok.eos_token_id in ref else ref
+
+
 def test_greedy_matches_generate_token_for_token(varied_model):
     model, tok = varied_model
     ids = [tok(p)["input_ids"] for p in PROMPTS]
@@ -38,13 +47,7 @@ def test_greedy_matches_generate_token_for_token(varied_model):
     distinct = {tuple(o) for o in ours}
     assert len(distinct) > 1, "test model too degenerate to compare"
     for p, o in zip(ids, ours):
-        ref = model.generate(
-            torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long), do_sample=False,
-            max_new_tokens=24, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-        )[0, len(p):].tolist()
-        if tok.eos_token_id in ref:
-            ref = ref[: ref.index(tok.eos_token_id) + 1]
-        assert o == ref
+        assert o == hf_greedy(model, tok, p, 24)
 
 
 def test_greedy_batched_with_left_padding_matches_unbatched(varied_model):
@@ -450,11 +453,5 @@ def test_large_greedy_batch_matches_generate(varied_model):
     gen = HFGenerator(model, [tok.eos_token_id], tok.pad_token_id)
     ours = gen.generate(ids, SamplingParams(16, temperature=0.0), seeds=list(range(len(ids))))
     for p, o in zip(ids[:4], ours[:4]):
-        ref = model.generate(
-            torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long), do_sample=False,
-            max_new_tokens=16, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-        )[0, len(p):].tolist()
-        if tok.eos_token_id in ref:
-            ref = ref[: ref.index(tok.eos_token_id) + 1]
-        assert o == ref
+        assert o == hf_greedy(model, tok, p, 16)
     assert ours == ours[:4] * 5
