@@ -4,8 +4,8 @@
     python benchmarks/sampler_bench.py --hidden 256 --layers 4 --intermediate 1024 --rows 32 --tokens 64
 
 ``--no-mask4d`` times the decode path that lets transformers build the causal mask per token.
-``--sdpa-only`` keeps SDPA for every decode step (the sampler otherwise computes the attention of
-large fp32 CPU buckets over short caches with two matmuls when sampling).
+``--ab-attention`` also times, interleaved, the decode with SDPA at every step (the sampler otherwise
+computes the attention of large fp32 CPU buckets over short caches with two matmuls when sampling).
 The EOS id is outside the model's vocabulary, so every row decodes ``--tokens`` tokens.
 """
 
@@ -36,7 +36,8 @@ def main(argv=None) -> int:
     ap.add_argument("--calls", type=int, default=15)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-mask4d", action="store_true")
-    ap.add_argument("--sdpa-only", action="store_true")
+    ap.add_argument("--ab-attention", action="store_true",
+                    help="interleave calls with and without the matmul decode attention and report both")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     tok = make_char_tokenizer()
@@ -45,22 +46,28 @@ def main(argv=None) -> int:
     gen = HFGenerator(model, [len(tok) - 1], tok.pad_token_id)
     if args.no_mask4d:
         gen._mask4d = False
-    if args.sdpa_only:
-        import repo_rl.rollout as rollout
+    import repo_rl.rollout as rollout
 
-        rollout._matmul_attention_pays = lambda key: False
+    default_rule = rollout._matmul_attention_pays
+    variants = {"default": default_rule}
+    if args.ab_attention:
+        variants["sdpa only"] = lambda key: False
     prompts = [[5 + i % 7] * (args.prompt_len + i % 5) for i in range(args.rows)]
     params, seeds = SamplingParams(args.tokens, 1.0, 1.0, 0), list(range(args.rows))
     for _ in range(3):
         gen.generate(prompts, params, seeds)
-    times = []
-    for _ in range(args.calls):
-        t0 = time.perf_counter()
-        gen.generate(prompts, params, seeds)
-        times.append(time.perf_counter() - t0)
-    med = statistics.median(times)
-    print(f"hidden {args.hidden}, {args.layers} layers, {args.rows} rows x {args.tokens} tokens, {args.threads} threads, "
-          f"mask4d={gen._mask4d}, sdpa_only={args.sdpa_only}: median {med:.4f} s per call, {1000 * med / args.tokens:.3f} ms per token step")
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for _ in range(args.calls):  # interleaved, so drift in machine load hits every variant alike
+        for name, rule in variants.items():
+            rollout._matmul_attention_pays = rule
+            t0 = time.perf_counter()
+            gen.generate(prompts, params, seeds)
+            times[name].append(time.perf_counter() - t0)
+    rollout._matmul_attention_pays = default_rule
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        print(f"hidden {args.hidden}, {args.layers} layers, {args.rows} rows x {args.tokens} tokens, {args.threads} threads, "
+              f"mask4d={gen._mask4d}, attention {name}: median {med:.4f} s per call, {1000 * med / args.tokens:.3f} ms per token step")
     return 0
 
 

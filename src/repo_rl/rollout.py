@@ -194,9 +194,10 @@ def _matmul_decode_attention(
 def _matmul_attention_pays(key: torch.Tensor) -> bool:
     """Whether :func:`_matmul_decode_attention` beats SDPA for a bucket with cache ``key``.
 
-    Measured with 2 threads on an AMD EPYC (Zen 4) CPU, fp32, head dim 64: matmuls took 0.35-0.7x
-    SDPA's time at 32+ (rows x key/value heads) over caches of up to ~256 positions, and 1.0-1.4x
-    it with fewer rows or longer caches. Only fp32 qualifies: in bf16 the scores would be rounded.
+    Measured with ``benchmarks/decode_attention_bench.py`` (2 threads, AMD EPYC Zen 4, fp32, head
+    dim 64): matmuls took 0.45-0.89x SDPA's time at 32+ (rows x key/value heads) over 30-110 cached
+    positions, but 0.78-1.85x it for 2-8 rows and 0.92-1.06x over 400 positions. Only fp32
+    qualifies: in bf16 the scores would be rounded.
     """
     n, kvh, span, _ = key.shape
     return key.device.type == "cpu" and key.dtype == torch.float32 and n * kvh >= 32 and span <= 256
