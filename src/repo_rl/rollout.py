@@ -203,9 +203,16 @@ def _matmul_attention_pays(key: torch.Tensor) -> bool:
     return key.device.type == "cpu" and key.dtype == torch.float32 and n * kvh >= 32 and span <= 256
 
 
-def _decode_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: Any,
-                   repo_rl_buckets: Sequence[tuple[int, int, Any, torch.Tensor]] = (), repo_rl_exact: bool = True,
-                   **kwargs: Any):
+def _decode_attention(
+    module: Any,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: Any,
+    repo_rl_buckets: Sequence[tuple[int, int, Any, torch.Tensor]] = (),
+    repo_rl_exact: bool = True,
+    **kwargs: Any,
+):
     """The attention of one decode step, run once per length bucket (transformers' SDPA by default).
 
     ``repo_rl_buckets`` holds ``(start, end, cache, mask)`` for each contiguous block of rows:
@@ -455,10 +462,11 @@ class HFGenerator:
 
         Prompts of very different lengths (e.g. rollouts and rephrase prompts in one call) are
         prefilled in length buckets, so short prompts do not pay for the padding of long ones.
-        With bucketed decoding (prompts sorted by length, so each bucket is a contiguous block
-        of rows), the bucket caches are kept apart: ``buckets`` is ``[(start, end, Lb, cache)]``
-        and ``cache`` is None. Otherwise ``buckets`` is None and the bucket caches are
-        left-padded to ``L`` with masked zeros and stacked into one cache.
+        With bucketed decoding (supported models, prompts sorted by length so that each bucket
+        is a contiguous block of rows), every bucket keeps its own cache, one bucket when the
+        lengths are close: ``buckets`` is ``[(start, end, Lb, cache)]`` and ``cache`` is None.
+        Otherwise ``buckets`` is None and the bucket caches are left-padded to ``L`` with masked
+        zeros and stacked into one cache.
         """
         rows_all = list(range(len(prompts)))
         buckets = self._buckets([len(p) for p in prompts]) if self.bucket_prefill else [rows_all]
