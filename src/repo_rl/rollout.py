@@ -352,8 +352,9 @@ class HFGenerator:
         for p in prompts:
             if len(p) == 0:
                 raise ValueError("empty prompt")
-        # The attention mask for the whole call, allocated once; step t passes a view of it.
-        attn_full = torch.zeros((B, L + T), dtype=torch.long)
+        # The attention mask for the whole call, allocated once; step t passes a view of it
+        # (boolean where that view is the 4D padding mask SDPA takes).
+        attn_full = torch.zeros((B, L + T), dtype=torch.bool if self._mask4d else torch.long)
         for i, p in enumerate(prompts):
             attn_full[i, L - len(p) : L] = 1
         attn_full = attn_full.to(device)
@@ -408,7 +409,7 @@ class HFGenerator:
                 if self._mask4d:
                     # A one-token query may attend to every unpadded key: the padding mask, already
                     # in the 4D form attention takes, skips rebuilding a causal mask per token.
-                    mask = attn_full[:, None, None, : L + t + 1].bool()
+                    mask = attn_full[:, None, None, : L + t + 1]
                 else:
                     mask = attn_full[:, : L + t + 1]
                 if buckets is None:
