@@ -313,7 +313,7 @@ def worker_ours(method: str, spec: dict, chan: Chan) -> None:
         "train.threads": spec["threads"],
         "train.bf16": "true" if spec["bf16"] else "false",
         "train.gradient_checkpointing": "true" if spec["gradient_checkpointing"] else "false",
-        "train.skip_zero_advantage": "true" if spec.get("skip_zero_advantage") else "false",
+        "train.skip_zero_advantage": "true" if spec["skip_zero_advantage"] else "false",
         "train.device": "cpu",
         "train.save_every": 0,
         "logging.progress": "false",

@@ -774,7 +774,8 @@ class Trainer:
                 ref_logps = self._logprobs_all(self.core, seqs, rows)
         timings["logprobs"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        stats = {"loss": 0.0, "clip_low": 0.0, "clip_high": 0.0, "clip_tokens": 0.0, "kl": 0.0, "entropy": 0.0, "tokens": 0.0}
+        stats = {"loss": 0.0, "clip_low": 0.0, "clip_high": 0.0, "clip_tokens": 0.0, "kl": 0.0, "entropy": 0.0, "tokens": 0.0,
+                 "rows_not_forwarded": float(len(seqs) - len(rows))}
         grad_norms: list[float] = []
         skipped = False
         engine = self.dist.engine
@@ -891,7 +892,7 @@ class Trainer:
         else:
             self.bad_steps_consecutive = 0
         out["train/skipped_step"] = float(skipped)
-        out["train/rows_not_forwarded"] = self.dist.sum_dict({"n": float(len(seqs) - len(rows))})["n"]
+        out["train/rows_not_forwarded"] = stats["rows_not_forwarded"]
         out["train/bad_steps"] = float(self.bad_steps_total)
         return out
 
