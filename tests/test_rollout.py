@@ -114,7 +114,8 @@ def test_derive_seed_is_stable_and_distinct():
 @pytest.mark.parametrize("temperature", [0.0, 0.7, 1.0])
 def test_sampler_logprobs_equal_teacher_forced_logprobs(varied_model, temperature):
     """``generate_with_logprobs`` returns the same ids as ``generate`` and, per token,
-    log pi(token | prompt, prefix) under the untempered model, as a full forward computes it."""
+    log softmax(logits / T)[token] at the sampling temperature (T = 1 when greedy), as a full
+    forward computes it."""
     model, tok = varied_model
     ids = [tok(p)["input_ids"] for p in PROMPTS]
     gen = HFGenerator(model, [tok.eos_token_id], tok.pad_token_id)
@@ -127,7 +128,8 @@ def test_sampler_logprobs_equal_teacher_forced_logprobs(varied_model, temperatur
         assert len(lp) == len(c) > 0
         with torch.no_grad():
             logits = model(torch.tensor([p + c])).logits[0, len(p) - 1 : len(p) + len(c) - 1]
-        ref = torch.log_softmax(logits.float(), -1).gather(-1, torch.tensor(c).unsqueeze(-1)).squeeze(-1)
+        scale = temperature if temperature > 0 else 1.0
+        ref = torch.log_softmax(logits.float() / scale, -1).gather(-1, torch.tensor(c).unsqueeze(-1)).squeeze(-1)
         assert torch.allclose(torch.tensor(lp), ref, atol=1e-4), (lp, ref.tolist())
 
 

@@ -106,17 +106,28 @@ class AlgorithmConfig:
     max_completion_length: int = 256
     """Maximum new tokens per rollout."""
     temperature: float = 1.0
-    """Sampling temperature of rollouts."""
+    """Sampling temperature of rollouts. The training, old and reference log-probs are taken at the
+    same temperature, log softmax(logits / T), as in TRL and verl (SFT rows stay at T = 1; T = 0,
+    greedy rollouts, trains at T = 1)."""
     top_p: float = 1.0
     """Nucleus sampling threshold of rollouts."""
     top_k: int = 0
     """Top-k sampling of rollouts (0: off)."""
     beta: float = 0.0
     """KL coefficient against the reference model (k3 estimator). 0 loads no reference model."""
+    use_bias_correction_kl: bool = True
+    """Multiply the k3 KL term by the importance ratio, as TRL does (TRL's name and default). False:
+    plain k3 as in verl's ``low_var_kl``; the value is the same, the gradient differs."""
     epsilon: float = 0.2
     """Lower clip range of the importance ratio (and upper one unless ``epsilon_high`` is set)."""
     epsilon_high: Optional[float] = None
     """Upper clip range (DAPO clip-higher). None: same as ``epsilon``."""
+    clip_ratio_c: Optional[float] = None
+    """Dual-clip bound for negative advantages (verl's name, > 1, e.g. 3): the loss of a token with
+    A < 0 is at most ``-A * clip_ratio_c`` however large its ratio. None: off, as in TRL."""
+    log_ratio_bound: float = 20.0
+    """The log importance ratio is clamped to +-this before ``exp`` (verl clamps at 20), so one
+    runaway token cannot give an infinite loss. Inactive for ratios within e^-20..e^20."""
     loss_type: Literal["grpo", "dr_grpo", "dapo"] = "dapo"
     """Loss aggregation: grpo (per-sequence mean), dapo (per-token over the batch), dr_grpo (constant normaliser)."""
     scale_rewards: Literal["group", "batch", "none"] = "group"
@@ -124,7 +135,9 @@ class AlgorithmConfig:
     num_iterations: int = 1
     """PPO epochs over one generation batch (mu). 1 skips the old-log-prob pass."""
     mask_truncated_completions: bool = False
-    """Exclude completions that hit ``max_completion_length`` without EOS from the loss."""
+    """Exclude completions that hit ``max_completion_length`` without EOS from the loss. The grpo
+    and dr_grpo normalisers then count only the rows left in the loss (as verl does); TRL divides
+    by every row, masked ones included, so its loss is smaller by (rows in loss / all rows)."""
 
 
 @dataclass
@@ -574,6 +587,9 @@ def validate(cfg: Config) -> None:
     if a.epsilon_high is not None:
         check(a.epsilon_high >= 0, "algorithm.epsilon_high", "a number >= 0", a.epsilon_high)
     check(a.num_iterations >= 1, "algorithm.num_iterations", "an integer >= 1", a.num_iterations)
+    if a.clip_ratio_c is not None:
+        check(a.clip_ratio_c > 1, "algorithm.clip_ratio_c", "a number > 1 (or null: off)", a.clip_ratio_c)
+    check(a.log_ratio_bound > 0, "algorithm.log_ratio_bound", "a number > 0", a.log_ratio_bound)
 
     check(0 <= r.delta <= 1, "repo.delta", "a number in [0, 1] (rewards lie in [0, 1])", r.delta)
     check(0 <= r.rho <= 1, "repo.rho", "a number in [0, 1]", r.rho)

@@ -31,8 +31,15 @@ def check_chunkable(model: Any) -> None:
             )
 
 
-def _chunk_logprobs(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, want_entropy: bool):
-    logits = head(hidden).float()
+def _scale(logits: torch.Tensor, temperature: float | torch.Tensor) -> torch.Tensor:
+    """``logits / T``: T a float, or ``[B]`` (one temperature per row)."""
+    if isinstance(temperature, torch.Tensor):
+        return logits / temperature.to(logits.device, logits.dtype).view(-1, *([1] * (logits.dim() - 1)))
+    return logits if temperature == 1.0 else logits / temperature
+
+
+def _chunk_logprobs(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, want_entropy: bool, temperature):
+    logits = _scale(head(hidden).float(), temperature)
     lp = alg.token_logprobs(logits, targets)
     ent = alg.entropy_from_logits(logits.detach()) if want_entropy else None
     return lp, ent
@@ -47,16 +54,19 @@ def completion_logprobs(
     completion_len: int,
     chunk_size: Optional[int] = None,
     want_entropy: bool = False,
+    temperature: float | torch.Tensor = 1.0,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Log-probs ``[B, T]`` (and entropies) of ``ids[:, P:P+T]`` given everything before them.
 
-    Rows are left-padded so every completion starts at column ``P = prompt_len``.
+    Rows are left-padded so every completion starts at column ``P = prompt_len``. Both come from
+    ``log softmax(logits / temperature)`` (a float, or one per row), as TRL and verl compute the
+    training log-probs at the sampling temperature.
     """
     P, T = prompt_len, completion_len
     targets = ids[:, P : P + T]
     if not chunk_size:
         logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False, logits_to_keep=T + 1).logits
-        logits = logits[:, :T, :].float()
+        logits = _scale(logits[:, :T, :].float(), temperature)
         lp = alg.token_logprobs(logits, targets)
         ent = alg.entropy_from_logits(logits.detach()) if want_entropy else None
         return lp, ent
@@ -68,9 +78,9 @@ def completion_logprobs(
     for s in range(0, T, chunk_size):
         h, t = hidden[:, s : s + chunk_size], targets[:, s : s + chunk_size]
         if torch.is_grad_enabled() and h.requires_grad:
-            lp, ent = checkpoint(_chunk_logprobs, head, h, t, want_entropy, use_reentrant=False)
+            lp, ent = checkpoint(_chunk_logprobs, head, h, t, want_entropy, temperature, use_reentrant=False)
         else:
-            lp, ent = _chunk_logprobs(head, h, t, want_entropy)
+            lp, ent = _chunk_logprobs(head, h, t, want_entropy, temperature)
         lps.append(lp)
         if ent is not None:
             ents.append(ent)

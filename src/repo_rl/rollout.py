@@ -43,8 +43,9 @@ class Generator(Protocol):
 class LogprobGenerator(Generator, Protocol):
     """A generator that can also return the log-prob of each sampled token.
 
-    The log-probs are under the model's own distribution (before temperature, top-p and
-    top-k), i.e. ``log pi(o_t | prompt, o_<t)``.
+    The log-probs are ``log softmax(logits / T)`` of each sampled token at the sampling
+    temperature T (T = 1 when greedy), before top-p and top-k: the distribution the training
+    log-probs use (see ``algorithm.temperature``).
     """
 
     def generate_with_logprobs(
@@ -312,7 +313,8 @@ class HFGenerator:
     def generate_with_logprobs(
         self, prompts: Sequence[Sequence[int]], params: SamplingParams, seeds: Sequence[int]
     ) -> tuple[list[list[int]], list[list[float]]]:
-        """Like :meth:`generate`, plus ``log pi(token)`` of each sampled token before temperature."""
+        """Like :meth:`generate`, plus ``log softmax(logits / T)[token]`` of each sampled token
+        (T the sampling temperature, 1 when greedy; before top-p and top-k)."""
         return self._generate(prompts, params, seeds, want_logprobs=True)
 
     @torch.inference_mode()
@@ -386,7 +388,8 @@ class HFGenerator:
                 with self._no_autocast():
                     nxt = self._sample(logits, params, None if uniforms is None else uniforms[:, t])
                     if token_lp is not None:
-                        token_lp[rows, t] = torch.log_softmax(logits, -1).gather(-1, nxt.unsqueeze(-1)).squeeze(-1)
+                        scaled = logits / params.temperature if params.temperature > 0 else logits
+                        token_lp[rows, t] = torch.log_softmax(scaled, -1).gather(-1, nxt.unsqueeze(-1)).squeeze(-1)
                 nxt = torch.where(done, torch.full_like(nxt, self.pad), nxt)
                 tokens[rows, t] = nxt
                 hit = torch.isin(nxt, eos) & ~done

@@ -28,6 +28,7 @@ from .config import Config
 from .distributed import Dist, deepspeed_engine, deepspeed_full_weights, full_parameters, full_state_dicts, fully_shard_model
 from .data import DataError, Example, LoadReport, PromptSampler, load_examples
 from .errors import TrainingError, UserError
+from .evaluate import pass_at_k
 from .logprobs import check_chunkable, completion_logprobs
 from .malloc import set_mmap_threshold
 from .modeling import apply_lora, eos_token_ids, load_model_and_tokenizer
@@ -122,6 +123,7 @@ class Trainer:
                     self.eval_examples[name] = load_examples(src, cfg.data.fields, cfg.data.on_bad_row, cfg.data.split)[: cfg.eval.max_items]
         except DataError as e:
             raise UserError(str(e)) from None
+        self._check_solutions()
         self.scorer = RewardScorer(cfg.reward.funcs, cfg.reward.weights, cfg.reward.timeout)
 
         self.model, self.tokenizer, self.model_path = load_model_and_tokenizer(cfg.model, cfg.toyworld, str(self.device))
@@ -208,6 +210,16 @@ class Trainer:
         self.metrics_log = JsonlWriter(self.out / "metrics.jsonl") if main else None
         self.completions_log = JsonlWriter(self.out / "completions.jsonl") if t.log_completions and main else None
         self.trackers = Trackers(cfg.logging.report_to if main else [], self.out, cfg.logging.run_name or self.out.name, cfg.to_dict())
+
+    def _check_solutions(self) -> None:
+        """A method that learns from expert solutions needs at least one training row with one."""
+        specs = [alg.METHODS[p] for p in self.method.phases] if self.method.phases else [self.method]
+        if any(s.requires_solution for s in specs) and not any(e.solution is not None for e in self.train_examples):
+            raise UserError(
+                f"algorithm.method={self.method.name} learns from expert solutions, but none of the "
+                f"{len(self.train_examples)} training rows has one (set data.fields.solution to the column that "
+                "holds them, or use algorithm.method=grpo)"
+            )
 
     def _check_prompt_lengths(self) -> None:
         """Every training prompt must tokenize to at least one token and fit: at most
@@ -432,9 +444,18 @@ class Trainer:
         ids, attn, cmask = ids.to(self.device), attn.to(self.device), cmask.to(self.device)
         pos = (attn.cumsum(-1) - 1).clamp(min=0)
         ctx = contextlib.nullcontext() if with_grad else torch.no_grad()
+        temps = [1.0 if s.kind == alg.KIND_SFT else self._train_temperature() for s in seqs]
+        temperature = temps[0] if len(set(temps)) == 1 else torch.tensor(temps)
         with ctx, self._autocast():
-            logp, ent = completion_logprobs(model, ids, attn, pos, P, T, self.cfg.train.logprob_chunk_size, want_entropy)
+            logp, ent = completion_logprobs(
+                model, ids, attn, pos, P, T, self.cfg.train.logprob_chunk_size, want_entropy, temperature
+            )
         return logp, cmask, ent
+
+    def _train_temperature(self) -> float:
+        """Temperature of the training, old and reference log-probs: the rollouts' (1 for greedy)."""
+        t = self.cfg.algorithm.temperature
+        return t if t > 0 else 1.0
 
     def _micro_batches(self, seqs: Sequence[Sequence_], rows: Optional[Sequence[int]] = None) -> list[Optional[list[int]]]:
         """Indices of ``rows`` (default: all) grouped by total length (less padding); the loss normalisers are global.
@@ -599,8 +620,10 @@ class Trainer:
                 cand_texts.append(text)
                 cand_seqs.append(Sequence_([], comp, truncated))
                 rp_prompt_ids.append(r)
-                # The sampler's log-probs describe the sampled ids; a stripped text is new ids.
-                sampled = lps is not None and len(lps[c]) == len(ids) and comp == ids[: len(comp)]
+                # The sampler's log-probs describe the sampled ids at the rephrase temperature; a
+                # stripped text is new ids, and another temperature than the rollouts' is recomputed.
+                same_t = (params.temperature if params.temperature > 0 else 1.0) == self._train_temperature()
+                sampled = same_t and lps is not None and len(lps[c]) == len(ids) and comp == ids[: len(comp)]
                 rp_logp.append(float(sum(lps[c][: len(comp)])) if sampled else None)
         else:  # the expert solution itself, trained under q
             for n in gidx:
@@ -737,12 +760,15 @@ class Trainer:
                 old = logp.detach() if old is None else old
                 adv = advantages[chunk].to(logp.device, logp.dtype)
                 kinds = torch.tensor([seqs[i].kind for i in chunk], device=logp.device)
-                per_tok, low, high = alg.mixed_token_loss(logp, old, adv, kinds, a.epsilon, self.cfg.epsilon_high, cfg.baselines.luffy_gamma)
-                if ref_logps is not None:
-                    kl = alg.kl_k3(logp, stack(ref_logps))
-                    per_tok = per_tok + a.beta * kl
-                    if it == 0:
-                        stats["kl"] += float((kl.detach() * mask).sum())
+                per_tok, parts = alg.token_loss(
+                    logp, old, adv, kinds, epsilon_low=a.epsilon, epsilon_high=self.cfg.epsilon_high,
+                    gamma=cfg.baselines.luffy_gamma, beta=a.beta, ref_logp=stack(ref_logps),
+                    use_bias_correction_kl=a.use_bias_correction_kl, clip_ratio_c=a.clip_ratio_c,
+                    log_ratio_bound=a.log_ratio_bound,
+                )
+                low, high = parts["clip_low"], parts["clip_high"]
+                if "kl" in parts and it == 0:
+                    stats["kl"] += float((parts["kl"] * mask).sum())
                 loss = alg.aggregate(per_tok, mask, a.loss_type, num_sequences=n_seq, num_tokens=n_tok, max_completion_length=a.max_completion_length)
                 if n_seq > 0:
                     self._backward(loss, last)
@@ -1029,9 +1055,12 @@ class Trainer:
             comps, _ = self._sample(rows, params, seeds, want_logprobs=False)
             texts = [self._decode(c) for c in comps]
             r, _ = self.scorer([e.prompt for e in rep], texts, rep)
-            r = torch.nan_to_num(r, nan=0.0).view(len(exs), cfg.eval.n)
-            out[f"eval/{name}/avg@{cfg.eval.n}"] = float((r >= cfg.repo.delta).float().mean())
-            out[f"eval/{name}/pass@1"] = float((r[:, 0] >= cfg.repo.delta).float().mean())
+            correct = (torch.nan_to_num(r, nan=0.0) >= cfg.repo.delta).view(len(exs), cfg.eval.n)
+            counts = correct.sum(1).tolist()
+            n = cfg.eval.n
+            # The same estimators as ``repo-rl eval``: pass@1 is the unbiased mean over the n samples.
+            out[f"eval/{name}/avg@{n}"] = float(correct.float().mean())
+            out[f"eval/{name}/pass@1"] = sum(pass_at_k(n, c, 1) for c in counts) / len(counts)
         return out
 
     @staticmethod

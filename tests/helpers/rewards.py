@@ -31,3 +31,8 @@ def always_one(prompts, completions, answer, **kwargs):
 def flat_for_even_answers(prompts, completions, answer, **kwargs):
     """1.0 where the answer is even (zero-variance groups), completion length / 10 elsewhere."""
     return [1.0 if int(a) % 2 == 0 else len(_text(c)) / 10.0 for c, a in zip(completions, answer)]
+
+
+def vowel_share(prompts, completions, answer, **kwargs):
+    """Share of vowels in the completion: differs within groups even when every length is equal."""
+    return [sum(ch in "aeiou" for ch in _text(c)) / max(len(_text(c)), 1) for c in completions]

@@ -22,10 +22,12 @@ from .losses import (
     clipped_surrogate,
     entropy_from_logits,
     kl_k3,
+    kl_penalty,
     luffy_shaping,
     masked_mean,
     mixed_token_loss,
     token_logprobs,
+    token_loss,
     zero_gradient_rows,
 )
 from .methods import METHODS, MethodSpec, register_method
@@ -54,9 +56,11 @@ __all__ = [
     "group_advantages",
     "group_reward_stats",
     "kl_k3",
+    "kl_penalty",
     "layout_candidates",
     "masked_mean",
     "register_method",
     "replacement_slots",
     "token_logprobs",
+    "token_loss",
 ]

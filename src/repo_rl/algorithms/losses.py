@@ -15,6 +15,9 @@ def clipped_surrogate(
     advantages: torch.Tensor,
     epsilon_low: float,
     epsilon_high: float,
+    *,
+    clip_ratio_c: float | None = None,
+    log_ratio_bound: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """PPO/GRPO clipped objective, per token, as a loss to minimise.
 
@@ -22,12 +25,21 @@ def clipped_surrogate(
     Returns ``(loss, low_clipped, high_clipped)``; the masks mark tokens whose clipped term
     was the active one (``r < 1 - eps_low`` with ``A < 0`` / ``r > 1 + eps_high`` with ``A > 0``),
     matching TRL's ``clip_ratio/low_mean`` and ``clip_ratio/high_mean``.
+
+    ``log_ratio_bound``: clamp ``logp - old_logp`` to ``[-bound, bound]`` before ``exp`` (verl uses
+    20), so one runaway token cannot overflow the loss. ``clip_ratio_c``: verl's dual clip; for
+    ``A < 0`` the loss is at most ``-A * clip_ratio_c``.
     """
-    ratio = torch.exp(logp - old_logp)
+    log_ratio = logp - old_logp
+    if log_ratio_bound is not None:
+        log_ratio = torch.clamp(log_ratio, -log_ratio_bound, log_ratio_bound)
+    ratio = torch.exp(log_ratio)
     adv = advantages.unsqueeze(-1) if advantages.dim() == logp.dim() - 1 else advantages
     unclipped = ratio * adv
     clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high) * adv
     loss = -torch.min(unclipped, clipped)
+    if clip_ratio_c is not None:
+        loss = torch.where(adv < 0, torch.min(loss, -adv * clip_ratio_c), loss)
     low = (ratio < 1 - epsilon_low) & (adv < 0)
     high = (ratio > 1 + epsilon_high) & (adv > 0)
     return loss, low, high
@@ -37,6 +49,22 @@ def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     """Per-token k3 estimator of KL(pi || pi_ref): ``exp(ref - logp) - (ref - logp) - 1`` (>= 0)."""
     d = ref_logp - logp
     return torch.exp(d) - d - 1
+
+
+def kl_penalty(
+    logp: torch.Tensor, ref_logp: torch.Tensor, old_logp: torch.Tensor | None = None, log_ratio_bound: float | None = None
+) -> torch.Tensor:
+    """Per-token KL term of the loss: :func:`kl_k3`, times the importance ratio ``exp(logp - old_logp)``
+    when ``old_logp`` is given (TRL's ``use_bias_correction_kl``; the ratio keeps its gradient, so
+    at ratio 1 the value is k3's and the gradient gains ``k3 * d logp``). Without ``old_logp`` it is
+    plain k3, as verl's ``low_var_kl`` (verl also clamps that to [-10, 10]; k3 here is unclamped)."""
+    kl = kl_k3(logp, ref_logp)
+    if old_logp is None:
+        return kl
+    log_ratio = logp - old_logp
+    if log_ratio_bound is not None:
+        log_ratio = torch.clamp(log_ratio, -log_ratio_bound, log_ratio_bound)
+    return kl * torch.exp(log_ratio)
 
 
 def aggregate(
@@ -135,6 +163,9 @@ def mixed_token_loss(
     epsilon_low: float,
     epsilon_high: float,
     gamma: float = 0.1,
+    *,
+    clip_ratio_c: float | None = None,
+    log_ratio_bound: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-token loss where each sequence has a kind (``[B]`` of KIND_*).
 
@@ -144,9 +175,46 @@ def mixed_token_loss(
     k = kind.view(-1, 1).expand_as(logp)
     # Non-policy rows never use the ratio; pin it to 1 there so no overflow can leak NaN gradients.
     old_logp = torch.where(k == KIND_POLICY, old_logp, logp.detach())
-    clipped, low, high = clipped_surrogate(logp, old_logp, advantages, epsilon_low, epsilon_high)
+    clipped, low, high = clipped_surrogate(
+        logp, old_logp, advantages, epsilon_low, epsilon_high, clip_ratio_c=clip_ratio_c, log_ratio_bound=log_ratio_bound
+    )
     adv = advantages.unsqueeze(-1) if advantages.dim() == logp.dim() - 1 else advantages
     shaped = -luffy_shaping(torch.exp(logp), gamma) * adv
     loss = torch.where(k == KIND_POLICY, clipped, torch.where(k == KIND_SHAPED, shaped, -logp))
     pol = k == KIND_POLICY
     return loss, low & pol, high & pol
+
+
+def token_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    kind: torch.Tensor,
+    *,
+    epsilon_low: float,
+    epsilon_high: float,
+    gamma: float = 0.1,
+    beta: float = 0.0,
+    ref_logp: torch.Tensor | None = None,
+    use_bias_correction_kl: bool = True,
+    clip_ratio_c: float | None = None,
+    log_ratio_bound: float | None = 20.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The full per-token loss of a batch: :func:`mixed_token_loss` plus ``beta`` times
+    :func:`kl_penalty` against ``ref_logp`` (when given and ``beta != 0``).
+
+    Returns ``(per_token_loss, parts)`` with ``parts``: ``clip_low`` / ``clip_high`` (bool masks)
+    and, with a KL term, ``kl`` (the per-token k3 value, without the ratio, for logging).
+    Reduce the loss with :func:`aggregate`.
+    """
+    per_tok, low, high = mixed_token_loss(
+        logp, old_logp, advantages, kind, epsilon_low, epsilon_high, gamma,
+        clip_ratio_c=clip_ratio_c, log_ratio_bound=log_ratio_bound,
+    )
+    parts: dict[str, torch.Tensor] = {"clip_low": low, "clip_high": high}
+    if ref_logp is not None and beta != 0:
+        k = kind.view(-1, 1).expand_as(logp)
+        old = torch.where(k == KIND_POLICY, old_logp, logp.detach()) if use_bias_correction_kl else None
+        per_tok = per_tok + beta * kl_penalty(logp, ref_logp, old, log_ratio_bound)
+        parts["kl"] = kl_k3(logp.detach(), ref_logp)
+    return per_tok, parts
