@@ -36,3 +36,8 @@ def flat_for_even_answers(prompts, completions, answer, **kwargs):
 def vowel_share(prompts, completions, answer, **kwargs):
     """Share of vowels in the completion: differs within groups even when every length is equal."""
     return [sum(ch in "aeiou" for ch in _text(c)) / max(len(_text(c)), 1) for c in completions]
+
+
+def fail_odd_answers(prompts, completions, answer, **kwargs):
+    """1.0 where the answer is even; below 0.5 (failures that still differ) elsewhere."""
+    return [1.0 if int(a) % 2 == 0 else len(_text(c)) / 20.0 for c, a in zip(completions, answer)]
