@@ -311,6 +311,13 @@ class ToyWorldSettings:
 
 
 @dataclass
+class GenerationConfig:
+    backend: str = "hf"
+    """Inference engine of rollouts, rephrases and evaluation: ``hf`` (the built-in KV-cached
+    sampler over the training model)."""
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     """The policy model."""
@@ -324,6 +331,8 @@ class Config:
     """Knobs of the baseline methods (LUFFY, SFT then GRPO)."""
     reward: RewardConfig = field(default_factory=RewardConfig)
     """Verifiers."""
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    """The inference engine."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """Optimisation and checkpointing."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -627,6 +636,10 @@ def validate(cfg: Config) -> None:
     check(cfg.baselines.luffy_gamma > 0, "baselines.luffy_gamma", "a number > 0", cfg.baselines.luffy_gamma)
     if cfg.baselines.sft_steps is not None:
         check(0 <= cfg.baselines.sft_steps <= t.max_steps, "baselines.sft_steps", f"an integer in [0, train.max_steps={t.max_steps}]", cfg.baselines.sft_steps)
+    from .rollout import GENERATORS
+
+    if cfg.generation.backend not in GENERATORS:
+        raise ConfigError(f"generation.backend: unknown engine {cfg.generation.backend!r}; expected one of {', '.join(sorted(GENERATORS))}")
     check(len(cfg.reward.funcs) >= 1, "reward.funcs", "at least one reward function", cfg.reward.funcs)
     if cfg.reward.weights is not None:
         check(

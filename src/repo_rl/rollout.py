@@ -19,7 +19,7 @@ import contextlib
 import functools
 import inspect
 from dataclasses import dataclass
-from typing import Any, Optional, Protocol, Sequence
+from typing import Any, Callable, Optional, Protocol, Sequence
 
 import torch
 
@@ -33,25 +33,50 @@ class SamplingParams:
 
 
 class Generator(Protocol):
-    """Generates one completion per prompt row; ``seeds[i]`` seeds row ``i``."""
+    """Generates one completion per prompt row; ``seeds[i]`` seeds row ``i``.
 
-    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams, seeds: Sequence[int]) -> list[list[int]]:
-        """Return the completion token ids of each row (EOS included when produced)."""
-        ...
-
-
-class LogprobGenerator(Generator, Protocol):
-    """A generator that can also return the log-prob of each sampled token.
-
-    The log-probs are ``log softmax(logits / T)`` of each sampled token at the sampling
-    temperature T (T = 1 when greedy), before top-p and top-k: the distribution the training
-    log-probs use (see ``algorithm.temperature``).
+    An engine is one class with these two methods, registered with :func:`register_generator`
+    and chosen by ``generation.backend``; :func:`make_generator` builds it for training,
+    evaluation, ``repo-rl compare`` and the TRL adapter.
     """
 
-    def generate_with_logprobs(
-        self, prompts: Sequence[Sequence[int]], params: SamplingParams, seeds: Sequence[int]
-    ) -> tuple[list[list[int]], list[list[float]]]:
+    def generate(
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams, seeds: Sequence[int], logprobs: bool = False
+    ) -> Any:
+        """The completion token ids of each row (EOS included when produced); with ``logprobs``,
+        ``(ids, token_logprobs)``: ``log softmax(logits / T)`` of each sampled token at the sampling
+        temperature T (T = 1 when greedy), before top-p and top-k, the distribution the training
+        log-probs use (see ``algorithm.temperature``)."""
         ...
+
+    def sync_weights(self, model: Any) -> None:
+        """Make the engine generate with ``model``'s current weights; called after every optimizer
+        step. An engine that samples from the training model itself has nothing to do."""
+        ...
+
+
+LogprobGenerator = Generator
+"""Former name of :class:`Generator` (log-probs are part of the protocol now)."""
+
+GENERATORS: dict[str, Callable[..., Generator]] = {}
+"""``generation.backend`` name -> engine class (or factory) taking ``(model, eos_token_ids, pad_token_id, **options)``."""
+
+
+def register_generator(name: str, factory: Callable[..., Generator]) -> None:
+    if name in GENERATORS:
+        raise ValueError(f"generation backend {name!r} is already registered")
+    GENERATORS[name] = factory
+
+
+def make_generator(
+    model: Any, eos_token_ids: Sequence[int], pad_token_id: int, backend: str = "hf", **options: Any
+) -> Generator:
+    """The one place an engine is built: ``backend`` is ``generation.backend`` (``hf``: :class:`HFGenerator`)."""
+    try:
+        factory = GENERATORS[backend]
+    except KeyError:
+        raise ValueError(f"generation.backend: unknown engine {backend!r}; expected one of {', '.join(sorted(GENERATORS))}") from None
+    return factory(model, eos_token_ids, pad_token_id, **options)
 
 
 def derive_seed(*parts: int) -> int:
@@ -307,8 +332,15 @@ class HFGenerator:
             return contextlib.nullcontext()
         return torch.autocast(next(self.model.parameters()).device.type, enabled=False)
 
-    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams, seeds: Sequence[int]) -> list[list[int]]:
-        return self._generate(prompts, params, seeds, want_logprobs=False)[0]
+    def generate(
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams, seeds: Sequence[int], logprobs: bool = False
+    ) -> Any:
+        """Completion ids per row, or ``(ids, token_logprobs)`` with ``logprobs`` (see :class:`Generator`)."""
+        ids, lps = self._generate(prompts, params, seeds, want_logprobs=logprobs)
+        return (ids, lps) if logprobs else ids
+
+    def sync_weights(self, model: Any) -> None:
+        """Nothing to do: this engine samples from the training model's own parameters."""
 
     def generate_with_logprobs(
         self, prompts: Sequence[Sequence[int]], params: SamplingParams, seeds: Sequence[int]
@@ -529,3 +561,6 @@ class HFGenerator:
         u = u.to(cdf.dtype) * cdf[:, -1]  # guards against the cdf ending slightly below 1
         idx = torch.searchsorted(cdf, u.unsqueeze(-1), right=True).squeeze(-1)
         return idx.clamp(max=logits.shape[-1] - 1)
+
+
+register_generator("hf", HFGenerator)

@@ -6,16 +6,21 @@ from .groups import (
     ORIGIN_NAMES,
     ORIGIN_ON_POLICY,
     ORIGIN_REPHRASED,
+    Injection,
     all_failed,
     assign_candidates,
     compose_groups,
     failure_fraction,
     gate,
+    inject_candidates,
     layout_candidates,
     replacement_slots,
 )
 from .losses import (
     KIND_POLICY,
+    LOSSES,
+    LossOptions,
+    register_loss,
     KIND_SFT,
     KIND_SHAPED,
     aggregate,
@@ -30,7 +35,7 @@ from .losses import (
     token_loss,
     zero_gradient_rows,
 )
-from .methods import METHODS, MethodSpec, register_method
+from .methods import METHODS, Method, MethodSpec, register_method
 
 __all__ = [
     "KIND_POLICY",
@@ -39,8 +44,12 @@ __all__ = [
     "luffy_shaping",
     "mixed_token_loss",
     "zero_gradient_rows",
+    "LOSSES",
+    "LossOptions",
     "METHODS",
+    "Method",
     "MethodSpec",
+    "register_loss",
     "ORIGIN_EXPERT",
     "ORIGIN_NAMES",
     "ORIGIN_ON_POLICY",
@@ -55,6 +64,8 @@ __all__ = [
     "gate",
     "group_advantages",
     "group_reward_stats",
+    "Injection",
+    "inject_candidates",
     "kl_k3",
     "kl_penalty",
     "layout_candidates",

@@ -6,6 +6,8 @@ below ``delta``; a verifier error (NaN reward) counts as a failure.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 ORIGIN_ON_POLICY = 0
@@ -139,3 +141,57 @@ def layout_candidates(
     acc[rows] = accept.to(dev, torch.bool)
     attempt[rows] = flat
     return rewards, acc, attempt
+
+
+
+@dataclass(frozen=True)
+class Injection:
+    """What :func:`inject_candidates` did to a step's groups."""
+
+    rewards: torch.Tensor
+    """``[N, G]`` rewards after injection."""
+    origins: torch.Tensor
+    """``[N, G]`` origin code of every row (ORIGIN_*)."""
+    injected: list[tuple[int, int]]
+    """``(flat position in the N*G layout, attempt index)`` of every injected candidate, in flat order."""
+    accept: torch.Tensor
+    """``[N, k]`` whether candidate slot ``(n, j)`` was filled."""
+    candidate_rewards: torch.Tensor
+    """``[N, k]`` reward of the candidate laid out for slot ``(n, j)`` (0 where none)."""
+
+    def positive(self, delta: float) -> torch.Tensor:
+        """``[N]`` groups that received a candidate with reward >= delta (a learning signal)."""
+        return (self.accept & (self.candidate_rewards >= delta)).any(1)
+
+
+def inject_candidates(
+    rewards: torch.Tensor,
+    gated_rows: torch.Tensor,
+    attempt_rewards: torch.Tensor,
+    verified: torch.Tensor,
+    num_replace: int,
+    allow_unverified: bool = False,
+    origin: int = ORIGIN_REPHRASED,
+) -> Injection:
+    """RePO's group composition in one call: assign -> slots -> layout -> compose -> index remap.
+
+    Args:
+        rewards: ``[N, G]`` rollout rewards.
+        gated_rows: ``[M]`` gated group indices, in the order their attempts were made.
+        attempt_rewards: ``[M * A]`` rewards of the candidates (attempt ``a`` of gated row ``r``
+            at ``r * A + a``).
+        verified: ``[M, A]`` bool, which attempts may be injected (reward >= delta).
+        num_replace: lowest-reward rollouts replaced per gated group (capped at ``A``).
+        allow_unverified: inject attempts that did not verify too (verified ones first).
+        origin: origin code of injected rows.
+    """
+    N, G = rewards.shape
+    A = verified.shape[1]
+    choice, ok = assign_candidates(verified, num_replace, allow_unverified)
+    k = choice.shape[1]
+    slots = replacement_slots(rewards, k)
+    cand_rewards, accept, attempt = layout_candidates(gated_rows, choice, ok, attempt_rewards, N, A, dtype=rewards.dtype)
+    new_rewards, origins, source = compose_groups(rewards, slots, cand_rewards, accept, origin)
+    pool = attempt.view(-1).tolist()
+    injected = [(flat, pool[src - N * G]) for flat, src in enumerate(source.view(-1).tolist()) if src >= N * G]
+    return Injection(new_rewards, origins, injected, accept, cand_rewards)

@@ -6,6 +6,9 @@ tokens), ``[B]`` per-sequence tensors.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 
 
@@ -128,12 +131,78 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return torch.gather(logits, -1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
-# Per-sequence loss kinds of :func:`mixed_token_loss`.
-KIND_POLICY = 0
+def luffy_shaping(p: torch.Tensor, gamma: float) -> torch.Tensor:
+    """LUFFY's policy shaping ``f(p) = p / (p + gamma)`` of a token probability."""
+    return p / (p + gamma)
+
+
+@dataclass(frozen=True)
+class LossOptions:
+    """Settings every registered loss may read."""
+
+    epsilon_low: float = 0.2
+    epsilon_high: float = 0.2
+    gamma: float = 0.1
+    """LUFFY's shaping constant."""
+    clip_ratio_c: float | None = None
+    log_ratio_bound: float | None = None
+
+
+LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, LossOptions], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+"""``fn(logp, old_logp, advantages, options) -> (per-token loss [B, T], per-token metrics)``; the
+advantages broadcast to ``[B, T]``. Metrics are bool masks such as ``clip_low`` / ``clip_high``."""
+
+
+@dataclass(frozen=True)
+class LossKind:
+    name: str
+    id: int
+    """Stored per training row; rows of one batch may use different losses."""
+    fn: LossFn
+
+
+LOSSES: dict[str, LossKind] = {}
+"""Per-row losses by name (verl's ``register_policy_loss`` style); ``Method.injected_loss`` names one."""
+
+
+def register_loss(name: str) -> Callable[[LossFn], LossFn]:
+    """Decorator: register a per-token loss under ``name`` with the next free id."""
+
+    def deco(fn: LossFn) -> LossFn:
+        if name in LOSSES:
+            raise ValueError(f"loss {name!r} is already registered")
+        LOSSES[name] = LossKind(name, len(LOSSES), fn)
+        return fn
+
+    return deco
+
+
+@register_loss("policy")
+def policy_loss(logp, old_logp, adv, o: LossOptions):
+    """Clipped surrogate: on-policy rollouts, RePO rephrasings, raw expert text trained as a rollout."""
+    loss, low, high = clipped_surrogate(
+        logp, old_logp, adv, o.epsilon_low, o.epsilon_high, clip_ratio_c=o.clip_ratio_c, log_ratio_bound=o.log_ratio_bound
+    )
+    return loss, {"clip_low": low, "clip_high": high}
+
+
+@register_loss("shaped")
+def shaped_loss(logp, old_logp, adv, o: LossOptions):
+    """LUFFY's off-policy term ``-f(pi) * A`` with ``f(p) = p / (p + gamma)``, no clipping."""
+    return -luffy_shaping(torch.exp(logp), o.gamma) * adv, {}
+
+
+@register_loss("sft")
+def sft_loss(logp, old_logp, adv, o: LossOptions):
+    """Negative log-likelihood (HPT/ReLIFT switch, SFT); ignores the advantage."""
+    return -logp, {}
+
+
+KIND_POLICY = LOSSES["policy"].id
 """Clipped surrogate (on-policy rollouts, RePO rephrasings, raw expert text trained as a rollout)."""
-KIND_SHAPED = 1
+KIND_SHAPED = LOSSES["shaped"].id
 """LUFFY off-policy term: ``-f(pi) * A`` with ``f(p) = p / (p + gamma)``, no clipping."""
-KIND_SFT = 2
+KIND_SFT = LOSSES["sft"].id
 """Negative log-likelihood (HPT/ReLIFT switch, SFT)."""
 
 
@@ -150,11 +219,6 @@ def zero_gradient_rows(advantages: torch.Tensor, kinds: torch.Tensor, beta: floa
     return (advantages == 0) & (kinds != KIND_SFT)
 
 
-def luffy_shaping(p: torch.Tensor, gamma: float) -> torch.Tensor:
-    """LUFFY's policy shaping ``f(p) = p / (p + gamma)`` of a token probability."""
-    return p / (p + gamma)
-
-
 def mixed_token_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
@@ -167,22 +231,30 @@ def mixed_token_loss(
     clip_ratio_c: float | None = None,
     log_ratio_bound: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-token loss where each sequence has a kind (``[B]`` of KIND_*).
+    """Per-token loss where each sequence has a kind (``[B]`` of registered loss ids, KIND_*).
 
-    Policy rows use :func:`clipped_surrogate`; shaped rows ``-luffy_shaping(exp(logp)) * A``;
-    SFT rows ``-logp``. The clip masks are zero outside policy rows.
+    Each row gets its registered loss (:data:`LOSSES`): policy rows :func:`clipped_surrogate`,
+    shaped rows ``-luffy_shaping(exp(logp)) * A``, SFT rows ``-logp``. Returns
+    ``(loss, clip_low, clip_high)``; the clip masks are zero outside policy rows.
     """
     k = kind.view(-1, 1).expand_as(logp)
-    # Non-policy rows never use the ratio; pin it to 1 there so no overflow can leak NaN gradients.
-    old_logp = torch.where(k == KIND_POLICY, old_logp, logp.detach())
-    clipped, low, high = clipped_surrogate(
-        logp, old_logp, advantages, epsilon_low, epsilon_high, clip_ratio_c=clip_ratio_c, log_ratio_bound=log_ratio_bound
-    )
     adv = advantages.unsqueeze(-1) if advantages.dim() == logp.dim() - 1 else advantages
-    shaped = -luffy_shaping(torch.exp(logp), gamma) * adv
-    loss = torch.where(k == KIND_POLICY, clipped, torch.where(k == KIND_SHAPED, shaped, -logp))
-    pol = k == KIND_POLICY
-    return loss, low & pol, high & pol
+    opts = LossOptions(epsilon_low, epsilon_high, gamma, clip_ratio_c, log_ratio_bound)
+    loss = torch.zeros_like(logp)
+    low = high = torch.zeros_like(logp, dtype=torch.bool)
+    for lk in LOSSES.values():
+        rows = k == lk.id
+        if not bool(rows.any()):
+            continue
+        # Rows of other kinds never use this loss's ratio; pin it to 1 there, so no overflow in a
+        # branch that is not selected can leak a NaN gradient.
+        old_k = torch.where(rows, old_logp, logp.detach())
+        per_tok, parts = lk.fn(logp, old_k, adv, opts)
+        loss = torch.where(rows, per_tok, loss)
+        if "clip_low" in parts:
+            low = low | (parts["clip_low"] & rows)
+            high = high | (parts["clip_high"] & rows)
+    return loss, low, high
 
 
 def token_loss(
