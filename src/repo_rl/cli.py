@@ -25,6 +25,38 @@ DESCRIPTION = (
 
 
 class _Parser(argparse.ArgumentParser):
+    """One-line errors. ``intermixed=True`` (subcommands with ``key.sub=value`` overrides): the
+    overrides may come before, between and after the flags (``train a.b=1 -o DIR c.d=2``);
+    plain argparse stops collecting a ``nargs="*"`` positional at the first flag."""
+
+    def __init__(self, *args, intermixed: bool = False, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._intermixed = intermixed
+        self._in_intermixed = False
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        # A subcommand's parser is reached through parse_known_args; parse_known_intermixed_args
+        # calls parse_known_args again itself (Python < 3.13), hence the guard.
+        if not self._intermixed or self._in_intermixed:
+            return super().parse_known_args(args, namespace)
+        self._in_intermixed = True
+        try:
+            namespace, extras = self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._in_intermixed = False
+        if extras:  # report here, naming this subcommand's --help
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return namespace, extras
+
+    def format_help(self) -> str:
+        # Help text computed only when shown (e.g. --methods lists the method registry, whose
+        # import pulls in torch): an action's ``lazy_help`` callable replaces its help.
+        for action in self._actions:
+            lazy = getattr(action, "lazy_help", None)
+            if callable(lazy):
+                action.help = lazy()
+        return super().format_help()
+
     def error(self, message: str) -> None:  # one line, exit 2, like every other usage error
         self.exit(EXIT_USAGE, f"repo-rl: error: {message} (see {self.prog} --help)\n")
 
@@ -145,13 +177,23 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+COMPARE_METHODS = "repo,grpo,luffy,sft,sft_then_grpo,hpt_switch,raw_expert"
+
+
+def _methods_help() -> str:
+    from .algorithms import METHODS
+
+    return (f"comma-separated training methods to compare, any of: {', '.join(METHODS)} "
+            f"(`repo-rl methods` describes them; default: {COMPARE_METHODS})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="repo-rl", description=DESCRIPTION)
     p.add_argument("--version", action="version", version=f"repo-rl {__version__}")
     sub = p.add_subparsers(dest="command", parser_class=_Parser)
 
     t = sub.add_parser(
-        "train",
+        "train", intermixed=True,
         help="train with GRPO, RePO or a baseline",
         description="Train from a YAML config with dotted overrides (key.sub=value). With no --config, "
         "runs the embedded toy world.",
@@ -160,13 +202,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--output-dir", "-o", help="directory for config.yaml, metrics, completions and checkpoints")
     t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
     t.add_argument("--no-eval", action="store_true", help="skip the before/after accuracy table of the toy world")
-    t.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    t.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides (before, between or after the flags)")
     t.set_defaults(func=_cmd_train)
 
     m = sub.add_parser("methods", help="list the training methods")
     m.set_defaults(func=_cmd_methods)
 
-    c = sub.add_parser("config", help="print the resolved config, or every key with --keys")
+    c = sub.add_parser("config", help="print the resolved config, or every key with --keys", intermixed=True)
     c.add_argument("--config", "-c")
     c.add_argument("--keys", action="store_true", help="list every config key with its type, default and meaning")
     c.add_argument("overrides", nargs="*", metavar="key.sub=value")
@@ -177,10 +219,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_parser(sub)
 
     cp = sub.add_parser(
-        "compare",
+        "compare", intermixed=True,
         help="train several methods on the toy world with the same budget and seeds, then tabulate and plot",
     )
-    cp.add_argument("--methods", default="repo,grpo,luffy,sft,sft_then_grpo,hpt_switch,raw_expert")
+    methods = cp.add_argument("--methods", default=COMPARE_METHODS, metavar="NAME,NAME,...")
+    methods.lazy_help = _methods_help  # type: ignore[attr-defined]
     cp.add_argument("--seeds", type=int, default=3, help="number of seeds per method")
     cp.add_argument("--first-seed", type=int, default=0, help="seeds are first-seed .. first-seed+seeds-1 (split a comparison over processes)")
     cp.add_argument("--config", "-c", help="base config (default: the embedded toy world)")

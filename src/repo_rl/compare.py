@@ -2,7 +2,8 @@
 
 Each (method, seed) run is an ordinary training run in ``OUT/runs/<method>-seed<k>/`` with the
 same number of policy updates and rollouts per step. Finished runs are skipped and unfinished
-ones resumed, so an interrupted comparison continues where it stopped. The results go to
+ones resumed, so an interrupted comparison continues where it stopped (a torn ``result.json``
+counts as unfinished, with a notice on stderr). The results go to
 ``OUT/results.json`` and ``OUT/report.md`` (table and curves).
 """
 
@@ -10,10 +11,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 import statistics
 import sys
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from .config import Config, load_config
 from .errors import UserError
@@ -36,29 +39,73 @@ def _evaluate(trainer: Any, cfg: Config, n: Optional[int]) -> dict[str, float]:
     return toyworld.evaluate_splits(trainer.core, trainer.tokenizer, cfg.toyworld.world_config(), **kwargs)
 
 
+def _write_json(path: Path, data: Any, indent: Optional[int] = None) -> None:
+    """Write atomically (temporary file, then rename): a kill leaves the old file or the new one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=indent), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path, valid: Callable[[Any], bool], then: str) -> Optional[Any]:
+    """The JSON in ``path``, or None when it is missing, or torn or malformed (an interrupted run
+    of an older version, a full disk): then one line on stderr saying what happens (``then``)."""
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if valid(data):
+            return data
+        problem = "not the expected JSON object"
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        problem = str(e).splitlines()[0] if str(e).strip() else type(e).__name__
+    print(f"repo-rl: compare: {path}: unreadable ({problem}), left by an interrupted run; {then}", file=sys.stderr)
+    return None
+
+
+def _valid_result(method: str, seed: int) -> Callable[[Any], bool]:
+    def valid(r: Any) -> bool:
+        return (isinstance(r, dict) and r.get("method") == method and r.get("seed") == seed
+                and isinstance(r.get("before"), dict) and isinstance(r.get("after"), dict))
+    return valid
+
+
+def _valid_splits(d: Any) -> bool:
+    return isinstance(d, dict) and all(isinstance(v, (int, float)) for v in d.values())
+
+
 def run_one(config_path: Path, overrides: list[str], method: str, seed: int, run_dir: Path, eval_n: Optional[int]) -> dict[str, Any]:
-    """Train one (method, seed) and evaluate the toy splits before and after. Resumable."""
+    """Train one (method, seed) and evaluate the toy splits before and after. Resumable; a torn
+    ``result.json`` or ``before.json`` (an interrupted write) counts as an unfinished run."""
     from .checkpoint import latest_checkpoint
     from .trainer import Trainer
 
     done = run_dir / "result.json"
-    if done.is_file():
-        return json.loads(done.read_text())
+    result = _read_json(done, _valid_result(method, seed), f"finishing {method} seed {seed} again")
+    if result is not None:
+        return result
     cfg = load_config(config_path, [*overrides, f"algorithm.method={method}", f"train.seed={seed}"])
     if cfg.model.name_or_path != "toyworld":
         raise UserError("compare: model.name_or_path must be toyworld (the comparison scores the toy-world splits)")
-    resume = latest_checkpoint(run_dir / "checkpoints") is not None
-    trainer = Trainer(cfg, run_dir, resume=resume, progress=False)
     before_file = run_dir / "before.json"
-    if before_file.is_file():
-        before = json.loads(before_file.read_text())
-    else:
+    resume = latest_checkpoint(run_dir / "checkpoints") is not None
+    before = None
+    if before_file.exists() or resume:
+        before = _read_json(before_file, _valid_splits, f"training {method} seed {seed} again from the start")
+        if before is None and resume:
+            # The accuracy before training cannot be measured on trained weights: start over.
+            if not before_file.exists():
+                print(f"repo-rl: compare: {before_file}: missing; training {method} seed {seed} again from the start",
+                      file=sys.stderr)
+            shutil.rmtree(run_dir)
+            resume = False
+    trainer = Trainer(cfg, run_dir, resume=resume, progress=False)
+    if before is None:
         before = _evaluate(trainer, cfg, eval_n)
-        before_file.write_text(json.dumps(before))
+        _write_json(before_file, before)
     trainer.train()
     after = _evaluate(trainer, cfg, eval_n)
     result = {"method": method, "seed": seed, "before": before, "after": after, "steps": trainer.step}
-    done.write_text(json.dumps(result, indent=1))
+    _write_json(done, result, indent=1)
     return result
 
 
@@ -121,18 +168,32 @@ def summarize(results: list[dict[str, Any]], methods: Sequence[str]) -> dict[str
     return {"splits": splits, "before": before, "methods": table}
 
 
+def _n_finite(vals: Sequence[Any]) -> int:
+    return sum(1 for v in vals if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v))
+
+
 def write_report(out: Path, summary: dict[str, Any], command: str, header: str) -> Path:
     splits = summary["splits"]
     lines = ["# repo-rl compare", "", header, "", f"Command: `{command}`", ""]
     lines += ["| method | " + " | ".join(splits) + " |", "|---|" + "---|" * len(splits)]
     lines.append("| (before training) | " + " | ".join(f"{summary['before'][s]:.3f}" for s in splits) + " |")
+    most = 0
     for m, row in summary["methods"].items():
         cells = []
         for s in splits:
             c = row[s]
-            cells.append("n/a" if not math.isfinite(c["mean"]) else f"{c['mean']:.3f} ± {c['sd']:.3f}")
+            n = _n_finite(c.get("per_seed", []))
+            most = max(most, n)
+            if not math.isfinite(c["mean"]):
+                cells.append("n/a")
+            elif n < 2:  # one seed: no spread to report (never "± 0.000")
+                cells.append(f"{c['mean']:.3f}")
+            else:
+                cells.append(f"{c['mean']:.3f} ± {c['sd']:.3f}")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    lines += ["", "Mean ± standard deviation over seeds, greedy decoding. `hard` is measured on held-out values of",
+    what = ("One seed per method (no standard deviation)" if most < 2
+            else "Mean ± standard deviation over seeds (a value without ±: one seed)")
+    lines += ["", f"{what}, greedy decoding. `hard` is measured on held-out values of",
               "the hard operators without the expert text; `rephrase_hard` is the policy's rephrase success on them.",
               "", "![curves](curves.png)", ""]
     path = out / "report.md"
