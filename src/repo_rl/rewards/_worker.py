@@ -50,7 +50,7 @@ def _apply_memory_limit(limit_mb: int | None) -> None:
         pass
 
 
-def _describe(exc: BaseException) -> str:
+def describe_exception(exc: BaseException) -> str:
     """One-line, bounded description of an exception."""
     try:
         text = str(exc)
@@ -100,7 +100,7 @@ def worker_main(conn: Connection, options: dict[str, Any]) -> None:
             try:
                 func = resolved[func_path] = resolve_callable(func_path)
             except Exception as exc:  # noqa: BLE001
-                resolve_error = f"cannot load task {func_path!r}: {_describe(exc)}"
+                resolve_error = f"cannot load task {func_path!r}: {describe_exception(exc)}"
         for idx, args in batch:
             if func is None:
                 status, value = "error", resolve_error
@@ -108,13 +108,13 @@ def worker_main(conn: Connection, options: dict[str, Any]) -> None:
                 try:
                     status, value = "ok", func(*args)
                 except Exception as exc:  # noqa: BLE001 - any failure is reported as a verifier error
-                    status, value = "error", _describe(exc)
+                    status, value = "error", describe_exception(exc)
             try:
                 conn.send(("result", idx, status, value))
             except (EOFError, OSError, BrokenPipeError):
                 return
             except Exception as exc:  # noqa: BLE001 - e.g. an unpicklable result
-                conn.send(("result", idx, "error", f"unsendable result: {_describe(exc)}"))
+                conn.send(("result", idx, "error", f"unsendable result: {describe_exception(exc)}"))
 
 
 # --------------------------------------------------------------------------- math-verify task

@@ -1,17 +1,36 @@
 """Combining the configured reward functions into one reward per completion.
 
 :class:`RewardScorer` calls each function of ``reward.funcs`` with TRL's signature
-``f(prompts, completions, **columns)`` and adds up their weighted outputs.
+``f(prompts, completions, **columns)`` and adds up their weighted outputs. Functions that are
+not repo-rl's own run under the guards of :mod:`.guard` (deadline, contained exceptions,
+checked output).
 """
 
 from __future__ import annotations
 
+import logging
+import math
 from typing import Any, Callable, Optional, Sequence
 
 import torch
 
 from ..data import Example
 from ..errors import TrainingError, UserError
+from ._worker import describe_exception
+from .combine import combine_rewards
+from .guard import FLOAT32_MAX, GuardedReward, RewardContractError, coerce_rewards
+
+logger = logging.getLogger("repo_rl.rewards")
+
+
+def _is_builtin(fn: Any) -> bool:
+    """repo-rl's own reward functions: trusted to bound their time and not to raise per item."""
+    from .base import RewardFunction
+
+    if isinstance(fn, RewardFunction):
+        return True
+    module = getattr(fn, "__module__", None)
+    return isinstance(module, str) and (module == "repo_rl" or module.startswith("repo_rl."))
 
 
 class RewardScorer:
@@ -19,26 +38,68 @@ class RewardScorer:
 
     ``None`` from a function (verifier error or timeout) makes the combined reward NaN: the
     sample is then left out of the loss and the group statistics, and counted.
+
+    What happens when a function misbehaves (user functions are wrapped in
+    :class:`~.guard.GuardedReward`; see :mod:`.guard` for the details):
+
+    * It raises: the call is retried one completion at a time; the completions that raise are
+      None and counted in ``rewards/verifier_errors``. Raising on every completion of 3
+      consecutive calls stops the run (:class:`TrainingError`, one line naming the function and
+      the exception). A built-in that raises (a misconfiguration, e.g. no ``answer`` column)
+      stops the run at once, one line.
+    * It returns no list (None, a dict, a string, a number), a list of the wrong length, or a
+      value that is not a number (a string, a nested list): :class:`TrainingError` naming the
+      function, the type and a short repr of what it returned, and what is expected. ``bool``
+      values are taken as 1.0 / 0.0 (as TRL does); numpy scalars and 0-d tensors are accepted.
+    * It returns a value that float32 cannot hold (``|r| > 3.4e38``, e.g. 1e39) or a non-finite
+      one (inf, -inf, NaN): the item is invalid (NaN, left out of the loss, counted in
+      ``rewards/invalid``), and a warning naming the function is logged once. The same holds
+      for a weighted sum beyond float32.
+    * It does not return: a call on N completions is given N x ``timeout`` seconds; then its
+      items are None and counted in ``rewards/verifier_timeouts``.
+    * Import-time side effects (``sys.exit()``, argparse) are caught by :func:`~.registry.load_reward`
+      and become a :class:`UserError` (one line, ``reward.funcs: ...``).
+
+    :attr:`unscored_calls` counts consecutive calls in which no completion got a reward;
+    :meth:`unscored_message` words the line to stop a run with.
     """
 
-    def __init__(self, specs: Sequence[str], weights: Optional[Sequence[float]], timeout: float) -> None:
-        from .. import rewards as rw
+    def __init__(
+        self,
+        specs: Sequence[str],
+        weights: Optional[Sequence[float]],
+        timeout: float,
+        *,
+        max_failed_calls: int = 3,
+    ) -> None:
+        from .registry import resolve_reward
 
         self.funcs: list[Callable[..., list]] = []
+        self.labels: list[str] = []
         for spec in specs:
             try:
-                fn = rw.load_reward(spec)
+                fn, path = resolve_reward(spec)
             except ValueError as e:
                 raise UserError(f"reward.funcs: {e}") from None
-            if hasattr(fn, "timeout"):
-                try:
-                    fn.timeout = timeout
-                except AttributeError:
-                    pass
+            label = spec.strip() if isinstance(spec, str) else str(spec)
+            if _is_builtin(fn):
+                if hasattr(fn, "timeout"):
+                    try:
+                        fn.timeout = timeout
+                    except (AttributeError, TypeError, ValueError):
+                        pass
+            else:
+                fn = GuardedReward(fn, label, timeout=timeout, import_path=path, max_failed_calls=max_failed_calls)
             self.funcs.append(fn)
+            self.labels.append(label)
         self.names = [getattr(f, "__name__", str(s)) for f, s in zip(self.funcs, specs)]
         self.weights = list(weights) if weights is not None else [1.0] * len(self.funcs)
         self._last = [self._snapshot(f) for f in self.funcs]
+        self._warned_range: set[str] = set()
+        self.unscored_calls = 0
+        """Consecutive calls (with at least one completion) in which every combined reward was
+        NaN: no function gave a usable value for any completion. Reset by a call with one."""
+        self._streak: dict[str, dict[str, int]] = {}
 
     def close(self) -> None:
         """Stop the reward functions' worker processes, if they have any (they restart on use)."""
@@ -52,9 +113,36 @@ class RewardScorer:
         stats = getattr(fn, "stats", None)
         return stats.snapshot() if stats is not None and hasattr(stats, "snapshot") else {}
 
+    def _warn_range(self, key: str, message: str) -> None:
+        if key not in self._warned_range:
+            self._warned_range.add(key)
+            logger.warning("%s", message)
+
+    def unscored_message(self, steps: int) -> str:
+        """One line for stopping a run after ``steps`` consecutive steps in which no completion
+        got a reward, with what each function did during that streak."""
+        parts = []
+        for label, fn in zip(self.labels, self.funcs):
+            c = self._streak.get(label, {})
+            last = getattr(fn, "last_error", None)
+            if not c.get("items"):  # this scorer's own streak was cut by another kind of call
+                parts.append(label + (f" (last error: {last})" if last else ""))
+                continue
+            what = f"{c.get('none', 0)} of {c['items']} completions without a reward"
+            detail = [f"{c[k]} {k}" for k in ("errors", "timeouts") if c.get(k)]
+            if c.get("errors") and last:
+                detail.append(f"last error: {last}")
+            parts.append(f"{label}: {what}" + (f" ({', '.join(detail)})" if detail else ""))
+        return (
+            f"no completion got a reward in {steps} consecutive steps (every reward was None, NaN, "
+            f"an error or a timeout): {'; '.join(parts)}; fix reward.funcs, or raise reward.timeout if these are timeouts"
+        )
+
     def __call__(self, prompts: list[Any], completions: list[str], examples: list[Example]) -> tuple[torch.Tensor, dict[str, float]]:
-        """Combined rewards ``[len(completions)]`` (NaN where a function gave None) and counters
-        (sums and counts, so they add up across ranks)."""
+        """Combined rewards ``[len(completions)]`` (:func:`combine_rewards`: NaN where every function
+        gave None) and counters
+        (sums and counts, so they add up across ranks). ``rewards/items`` is the number of
+        completions and ``rewards/unscored`` the number whose combined reward is NaN."""
         cols: dict[str, list[Any]] = {
             "answer": [e.answer for e in examples],
             "solution": [e.solution for e in examples],
@@ -64,32 +152,80 @@ class RewardScorer:
         extra_keys = sorted({k for e in examples if e.extra for k in e.extra} - set(cols) - {"prompt", "completions"})
         for k in extra_keys:
             cols[k] = [(e.extra or {}).get(k) for e in examples]
-        total = torch.zeros(len(completions), dtype=torch.float64)
+        n = len(completions)
+        columns: list[torch.Tensor] = []
         metrics: dict[str, float] = {}
         nones = 0
-        for fn, name, w in zip(self.funcs, self.names, self.weights):
-            out = fn(prompts=prompts, completions=completions, **cols)
-            if len(out) != len(completions):
-                raise TrainingError(f"reward {name} returned {len(out)} values for {len(completions)} completions")
+        per_fn: list[tuple[str, int]] = []
+        for fn, label, name, w in zip(self.funcs, self.labels, self.names, self.weights):
+            if n == 0 and isinstance(fn, GuardedReward):
+                out: Any = []
+            else:
+                try:
+                    out = fn(prompts=prompts, completions=completions, **cols)
+                except TrainingError:
+                    raise
+                except Exception as e:  # noqa: BLE001 - a built-in misused (e.g. no 'answer' column)
+                    raise TrainingError(f"reward {label} raised {describe_exception(e)}") from None
             try:
-                vals = torch.tensor([float("nan") if v is None else float(v) for v in out], dtype=torch.float64)
-            except (TypeError, ValueError):
-                bad = next(v for v in out if v is not None and not isinstance(v, (int, float)))
-                raise TrainingError(f"reward {name} returned {bad!r:.60}; expected a number or None per completion") from None
-            # inf / -inf are verifier failures like None and NaN: out of the loss, and counted.
-            vals = torch.where(torch.isfinite(vals), vals, torch.full_like(vals, float("nan")))
-            nones += int(torch.isnan(vals).sum())
+                raw = coerce_rewards(out, n)
+            except RewardContractError as e:
+                raise TrainingError(f"reward {label} {e}") from None
+            bad = [v for v in raw if v is not None and not (math.isfinite(v) and abs(v) <= FLOAT32_MAX)]
+            if bad:
+                self._warn_range(
+                    label,
+                    f"reward {label} returned {bad[0]:g} for {len(bad)} of {n} completions: rewards must be finite "
+                    f"and within float32 range (|r| <= {FLOAT32_MAX:.4g}); such completions count as invalid "
+                    "(left out of the loss, counted in rewards/invalid); this warning is shown once",
+                )
+            vals = torch.tensor(
+                [math.nan if v is None or not (math.isfinite(v) and abs(v) <= FLOAT32_MAX) else v for v in raw],
+                dtype=torch.float64,
+            )
+            invalid = int(torch.isnan(vals).sum())
+            nones += invalid
+            per_fn.append((label, invalid))
             finite = vals[torch.isfinite(vals)]
             metrics[f"rewards/{name}/sum"] = float(finite.sum())
             metrics[f"rewards/{name}/count"] = float(finite.numel())
-            total = total + w * vals
+            columns.append(vals)
+        # A function's None leaves only its own term out; a completion no function scored is NaN.
+        per_func = torch.stack(columns, 1) if columns else torch.zeros(n, 0, dtype=torch.float64)
+        total = combine_rewards(per_func, self.weights) if columns else torch.full((n,), math.nan, dtype=torch.float64)
+        over = torch.isfinite(total) & (total.abs() > FLOAT32_MAX) | torch.isinf(total)
+        if bool(over.any()):
+            nones += int(over.sum())
+            total = torch.where(over, torch.full_like(total, math.nan), total)
+            self._warn_range(
+                "<weighted sum>",
+                f"the weighted sum of reward.funcs is beyond float32 range (|r| > {FLOAT32_MAX:.4g}) for "
+                f"{int(over.sum())} of {n} completions: they count as invalid (left out of the loss); "
+                "check reward.weights",
+            )
         errors = timeouts = 0
+        streak_update: dict[str, dict[str, int]] = {}
         for i, fn in enumerate(self.funcs):
             snap = self._snapshot(fn)
-            errors += snap.get("errors", 0) - self._last[i].get("errors", 0)
-            timeouts += snap.get("timeouts", 0) - self._last[i].get("timeouts", 0)
+            e = snap.get("errors", 0) - self._last[i].get("errors", 0)
+            t = snap.get("timeouts", 0) - self._last[i].get("timeouts", 0)
+            errors += e
+            timeouts += t
             self._last[i] = snap
+            streak_update[self.labels[i]] = {"items": n, "none": per_fn[i][1], "errors": e, "timeouts": t}
+        unscored = int(torch.isnan(total).sum())
+        if n and unscored == n:
+            self.unscored_calls += 1
+            for label, upd in streak_update.items():
+                acc = self._streak.setdefault(label, {})
+                for k, v in upd.items():
+                    acc[k] = acc.get(k, 0) + v
+        elif n:
+            self.unscored_calls = 0
+            self._streak = {}
         metrics["rewards/verifier_errors"] = float(errors)
         metrics["rewards/verifier_timeouts"] = float(timeouts)
         metrics["rewards/invalid"] = float(nones)
+        metrics["rewards/items"] = float(n)
+        metrics["rewards/unscored"] = float(unscored)
         return total, metrics
