@@ -12,7 +12,6 @@ import json
 import math
 import random
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -443,23 +442,13 @@ def test_method_spec_flags(name, injection, gate, kind, drop, rollouts, phases):
     assert s.requires_solution is (name not in ("grpo",))
 
 
-def _fake_trainer(delta=0.5, rho=0.5, method="grpo", sft_steps=None, max_steps=5, step=0):
-    cfg = SimpleNamespace(
-        repo=SimpleNamespace(delta=delta, rho=rho),
-        baselines=SimpleNamespace(sft_steps=sft_steps),
-        train=SimpleNamespace(max_steps=max_steps),
-    )
-    return SimpleNamespace(cfg=cfg, method=METHODS[method], step=step)
-
-
 def test_trainer_gate_per_method():
     # Rows: failure fractions (delta 0.5, reward 0.5 is a success) and eligibility:
     # r0 [0,0,0,0] 1.0 | r1 [1,0.25,0,0] 0.75 | r2 [0.5,1,0,0] 0.5 | r3 [1,1,1,0.4] 0.25
     # r4 [1,1,1,1] 0 | r5 [0,0,0,0] 1.0 but no solution
     R = t64([[0, 0, 0, 0], [1, 0.25, 0, 0], [0.5, 1, 0, 0], [1, 1, 1, 0.4], [1, 1, 1, 1], [0, 0, 0, 0]])
     eligible = torch.tensor([True, True, True, True, True, False])
-    fake = _fake_trainer(delta=0.5, rho=0.5)
-    got = {name: Trainer._gated(fake, METHODS[name], R, eligible).tolist() for name in METHODS if name in
+    got = {name: METHODS[name].gated(R, eligible, 0.5, 0.5).tolist() for name in METHODS if name in
            ("grpo", "repo", "raw_expert", "luffy", "hpt_switch", "sft")}
     assert got["grpo"] == [False] * 6
     assert got["sft"] == [False] * 6
@@ -468,9 +457,8 @@ def test_trainer_gate_per_method():
     assert got["luffy"] == [True, True, True, True, True, False]  # every group with a solution
     assert got["hpt_switch"] == [True, False, False, False, False, False]  # all failed only
     # rho = 0.75 moves r2 (gamma 0.5) out of the rho gate; the all-fail gate ignores rho.
-    fake = _fake_trainer(delta=0.5, rho=0.75)
-    assert Trainer._gated(fake, METHODS["raw_expert"], R, eligible).tolist() == [True, True, False, False, False, False]
-    assert Trainer._gated(fake, METHODS["hpt_switch"], R, eligible).tolist() == [True, False, False, False, False, False]
+    assert METHODS["raw_expert"].gated(R, eligible, 0.5, 0.75).tolist() == [True, True, False, False, False, False]
+    assert METHODS["hpt_switch"].gated(R, eligible, 0.5, 0.75).tolist() == [True, False, False, False, False, False]
 
 
 @pytest.mark.parametrize("sft_steps, max_steps, expected", [
@@ -480,11 +468,10 @@ def test_trainer_gate_per_method():
     (0, 2, ["grpo", "grpo"]),
 ])
 def test_spec_for_step_phases(sft_steps, max_steps, expected):
-    got = [Trainer._spec_for_step(_fake_trainer(method="sft_then_grpo", sft_steps=sft_steps, max_steps=max_steps, step=s)).name
-           for s in range(max_steps)]
+    got = [METHODS["sft_then_grpo"].phase_at(s, sft_steps, max_steps).name for s in range(max_steps)]
     assert got == expected
     # A method without phases is always itself.
-    assert Trainer._spec_for_step(_fake_trainer(method="luffy", step=3)).name == "luffy"
+    assert METHODS["luffy"].phase_at(3, None, 5).name == "luffy"
 
 
 # ======================================================================================

@@ -78,6 +78,7 @@ if _SPEC:
     import repo_rl.rollout as _ro
     import repo_rl.tracking as _tk
     import repo_rl.trainer as _tr
+    import repo_rl.update as _up
 
     _POINT, _, _AT = _SPEC.partition("@")
     _AT = int(_AT)
@@ -107,7 +108,7 @@ if _SPEC:
 
         _ro.HFGenerator._generate = _patched_generate
     elif _POINT == "update":
-        _backward = _tr.Trainer._backward  # every update runs one (a zero-loss filler when no row has a gradient)
+        _backward = _up.PolicyUpdate.backward  # every update runs one (a zero-loss filler when no row has a gradient)
 
         def _patched_backward(self, *a, **k):
             out = _backward(self, *a, **k)
@@ -115,7 +116,7 @@ if _SPEC:
                 _die("inside the update")
             return out
 
-        _tr.Trainer._backward = _patched_backward
+        _up.PolicyUpdate.backward = _patched_backward
     elif _POINT == "metrics_torn":
         _write = _tk.JsonlWriter.write
 

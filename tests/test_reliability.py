@@ -407,25 +407,16 @@ def _seed_log(tmp_path: Path, model: Path, data: Path, pps: int, steps: int, **e
             rp = t.renderer.rephrase_prompt(ex, cfg.repo.rephrase_template)
             by_ids[tuple(t.renderer.ids(rp))] = ("rephrase", i)
     log: list[tuple[int, str, int, int, list[int]]] = []
-    real, real_lp = t.generator.generate, t.generator.generate_with_logprobs
+    real = t.generator.generate
 
-    def record(rows, seeds, comps):
-        for r, s, c in zip(rows, seeds, comps):
+    def spy(rows, params, seeds, logprobs=False):
+        out = real(rows, params, seeds, logprobs=logprobs)
+        for r, s, c in zip(rows, seeds, out[0] if logprobs else out):
             kind, idx = by_ids[tuple(r)]
             log.append((t.step, kind, idx, int(s), list(c)))
-
-    def spy(rows, params, seeds):
-        comps = real(rows, params, seeds)
-        record(rows, seeds, comps)
-        return comps
-
-    def spy_lp(rows, params, seeds):
-        comps, lps = real_lp(rows, params, seeds)
-        record(rows, seeds, comps)
-        return comps, lps
+        return out
 
     t.generator.generate = spy
-    t.generator.generate_with_logprobs = spy_lp
     for _ in range(steps):
         t.train_step()
     return t, log

@@ -131,18 +131,18 @@ def test_same_seed_same_metrics_different_seed_differs(tmp_path, tiny_model_dir,
 
 
 def test_non_finite_loss_never_reaches_weights(tmp_path, tiny_model_dir, tiny_data, monkeypatch):
-    import repo_rl.trainer as tr
+    import repo_rl.algorithms.losses as losses
 
     cfg = build_config({}, tiny_overrides(tiny_model_dir, tiny_data, **{"train.max_bad_steps": 2, "algorithm.method": "grpo"}))
     trainer = Trainer(cfg, tmp_path / "nan", progress=False)
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
-    real = tr.alg.mixed_token_loss
+    real = losses.mixed_token_loss
 
     def poisoned(*args, **kwargs):
         loss, low, high = real(*args, **kwargs)
         return loss * float("nan"), low, high
 
-    monkeypatch.setattr(tr.alg, "mixed_token_loss", poisoned)
+    monkeypatch.setattr(losses, "mixed_token_loss", poisoned)  # what token_loss calls
     m1 = trainer.train_step()
     assert m1["train/skipped_step"] == 1.0 and m1["train/bad_steps"] == 1.0
     with pytest.raises(TrainingError, match="consecutive"):
@@ -239,13 +239,13 @@ def test_logp_gap_equals_two_explicit_forwards(tmp_path, tiny_model_dir, tiny_da
     t = Trainer(cfg, tmp_path / "gap", progress=False)
     before = copy.deepcopy(t.core)
     seen = {}
-    real = t._update
+    real = t.stages.compose
 
-    def spy(batch, *args, **kw):
-        seen["batch"] = batch
-        return real(batch, *args, **kw)
+    def spy(*args, **kw):
+        seen["batch"] = real(*args, **kw)
+        return seen["batch"]
 
-    t._update = spy
+    t.stages.compose = spy
     m = t.train_step()
     batch = seen["batch"]
     assert batch.gap_under_p, "no rephrase was injected"
@@ -257,8 +257,8 @@ def test_logp_gap_equals_two_explicit_forwards(tmp_path, tiny_model_dir, tiny_da
         s = batch.sequences[f]
         ex = batch.examples[f // G]
         rp = t.renderer.ids(t.renderer.rephrase_prompt(ex, cfg.repo.rephrase_template))
-        q = t._logprobs_all(before, [s])[0].sum()
-        p = t._logprobs_all(before, [Sequence_(rp, s.completion_ids, False)])[0].sum()
+        q = t.updater.logprobs(before, [s])[0].sum()
+        p = t.updater.logprobs(before, [Sequence_(rp, s.completion_ids, False)])[0].sum()
         gaps.append(float(p - q))
     assert m["repo/logp_gap"] == pytest.approx(sum(gaps) / len(gaps), abs=1e-3)
 
@@ -282,14 +282,13 @@ def test_auto_rephrase_batching_times_both_modes_then_keeps_the_faster(tmp_path,
         "train.max_steps": 7}))
     t = Trainer(cfg, tmp_path / "auto", progress=False)
     calls = []
-    for name in ("generate", "generate_with_logprobs"):
-        real = getattr(t.generator, name)
+    real = t.generator.generate
 
-        def spy(*a, _real=real, **k):
-            calls[-1] += 1
-            return _real(*a, **k)
+    def spy(*a, **k):
+        calls[-1] += 1
+        return real(*a, **k)
 
-        setattr(t.generator, name, spy)
+    t.generator.generate = spy
     modes = []
     for _ in range(7):
         calls.append(0)
@@ -298,9 +297,9 @@ def test_auto_rephrase_batching_times_both_modes_then_keeps_the_faster(tmp_path,
         modes.append("with_rollouts" if m["repo/rephrase_with_rollouts"] else "separate")
     assert modes[:4] == ["separate", "with_rollouts", "with_rollouts", "separate"]
     assert calls[:4] == [2, 1, 1, 2]
-    chosen = t._batching
+    chosen = t.run.batching
     assert chosen in ("separate", "with_rollouts")
-    assert [x for x in t._batching_trials] and len(t._batching_trials) == 4
+    assert len(t.run.batching_trials) == 4
     assert modes[4:] == [chosen] * 3 and calls[4:] == [1 if chosen == "with_rollouts" else 2] * 3
     assert f"repo.rephrase_batching=auto: {chosen}" in capsys.readouterr().err
 

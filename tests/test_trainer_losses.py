@@ -38,10 +38,10 @@ def test_training_logprobs_use_the_rollout_temperature(tmp_path, tiny_model_dir,
         logits = t.core(torch.tensor([prompt + comp])).logits[0, len(prompt) - 1 : -1].float()
     targets = torch.tensor(comp).unsqueeze(-1)
     at = lambda temp: torch.log_softmax(logits / temp, -1).gather(-1, targets).squeeze(-1)  # noqa: E731
-    pol = t._logprobs_all(t.core, [Sequence_(prompt, comp, False)])[0]
-    ref = t._logprobs_all(t.ref_model, [Sequence_(prompt, comp, False)])[0]
-    sft = t._logprobs_all(t.core, [Sequence_(prompt, comp, False, alg.KIND_SFT)])[0]
-    mixed = t._logprobs_all(t.core, [Sequence_(prompt, comp, False), Sequence_(prompt, comp, False, alg.KIND_SFT)])
+    pol = t.updater.logprobs(t.core, [Sequence_(prompt, comp, False)])[0]
+    ref = t.updater.logprobs(t.ref_model, [Sequence_(prompt, comp, False)])[0]
+    sft = t.updater.logprobs(t.core, [Sequence_(prompt, comp, False, alg.KIND_SFT)])[0]
+    mixed = t.updater.logprobs(t.core, [Sequence_(prompt, comp, False), Sequence_(prompt, comp, False, alg.KIND_SFT)])
     assert torch.allclose(pol, at(0.7), atol=1e-5) and not torch.allclose(pol, at(1.0), atol=1e-3)
     assert torch.allclose(ref, at(0.7), atol=1e-5)  # the reference is the initial policy
     assert torch.allclose(sft, at(1.0), atol=1e-5)
@@ -50,7 +50,7 @@ def test_training_logprobs_use_the_rollout_temperature(tmp_path, tiny_model_dir,
 
 def test_greedy_rollouts_train_at_temperature_one(tmp_path, tiny_model_dir, tiny_data):
     t = _trainer(tmp_path, tiny_model_dir, tiny_data, **{"algorithm.temperature": 0.0})
-    assert t._train_temperature() == 1.0
+    assert t.updater.temperature() == 1.0
 
 
 def test_the_kl_term_moves_the_weights_once_policy_and_reference_differ(tmp_path, tiny_model_dir, tiny_data):

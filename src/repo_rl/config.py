@@ -23,6 +23,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from .malloc import MAX_KB as MMAP_MAX_KB
+from . import safe_yaml
 
 
 class ConfigError(ValueError):
@@ -204,7 +205,11 @@ class RewardConfig:
     weights: Optional[list[float]] = None
     """Per-function weights (None: all 1). The reward is the weighted sum."""
     timeout: float = 5.0
-    """Hard per-item verifier timeout in seconds."""
+    """Hard per-item verifier timeout in seconds; a custom ``pkg.mod:fn`` called on n completions
+    gets n x timeout (it runs in a worker process that is replaced when it overruns)."""
+    max_unscored_steps: int = 3
+    """Stop after this many consecutive steps in which no completion got a reward (every function
+    returned None, errored or timed out): training on nothing is an error, not loss 0."""
 
 
 @dataclass
@@ -482,7 +487,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if not key or any(not p for p in key.split(".")):
         raise ConfigError(f"override {item!r}: expected key.sub=value")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = safe_yaml.safe_load(raw) if raw.strip() else ""
     except Exception:  # noqa: BLE001
         # Besides YAMLError, PyYAML's tag constructors raise ValueError, TypeError, KeyError,
         # IndexError, AttributeError (!!float abc, !!bool abc, !!int, !!timestamp abc) and deep
@@ -528,7 +533,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     except UnicodeDecodeError as e:
         raise ConfigError(f"config file {p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)
+        data = safe_yaml.load(text, _UniqueKeyLoader)  # duplicate keys and alias bombs stop here
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -640,6 +645,7 @@ def validate(cfg: Config) -> None:
 
     if cfg.generation.backend not in GENERATORS:
         raise ConfigError(f"generation.backend: unknown engine {cfg.generation.backend!r}; expected one of {', '.join(sorted(GENERATORS))}")
+    check(cfg.reward.max_unscored_steps >= 1, "reward.max_unscored_steps", "an integer >= 1", cfg.reward.max_unscored_steps)
     check(len(cfg.reward.funcs) >= 1, "reward.funcs", "at least one reward function", cfg.reward.funcs)
     if cfg.reward.weights is not None:
         check(

@@ -68,7 +68,7 @@ _FALLBACKS = {
 }
 
 
-def _get(row: dict, path: str) -> tuple[bool, Any]:
+def get_field(row: dict, path: str) -> tuple[bool, Any]:
     cur: Any = row
     for part in path.split("."):
         if isinstance(cur, dict) and part in cur:
@@ -78,7 +78,7 @@ def _get(row: dict, path: str) -> tuple[bool, Any]:
     return True, cur
 
 
-def _as_text(value: Any) -> Optional[str]:
+def as_text(value: Any) -> Optional[str]:
     """Answers/solutions may be numbers, strings, or (LUFFY ``target``) chat messages."""
     if value is None:
         return None
@@ -93,7 +93,7 @@ def _as_text(value: Any) -> Optional[str]:
     if isinstance(value, list) and value and all(isinstance(m, dict) and "content" in m for m in value):
         return "\n".join(str(m["content"]) for m in value)
     if isinstance(value, list) and len(value) == 1:
-        return _as_text(value[0])
+        return as_text(value[0])
     return None
 
 
@@ -157,11 +157,11 @@ def row_to_example(row: Any, fields: Any, where: str) -> Example:
 
     def lookup(name: str) -> tuple[bool, Any, str]:
         path = getattr(fields, name)
-        ok, val = _get(row, path)
+        ok, val = get_field(row, path)
         if ok or path != name:
             return ok, val, path
         for alt in _FALLBACKS.get(name, ()):
-            ok, val = _get(row, alt)
+            ok, val = get_field(row, alt)
             if ok:
                 return ok, val, alt
         return False, None, path
@@ -180,7 +180,7 @@ def row_to_example(row: Any, fields: Any, where: str) -> Example:
     ok, answer, akey = lookup("answer")
     if not ok:
         raise DataError(f"{where}: missing field {akey!r} (the reference answer; set data.fields.answer to use another column)")
-    answer_text = _as_text(answer)
+    answer_text = as_text(answer)
     if answer_text is None:
         raise DataError(f"{where}: field {akey!r} must be a string or a number, got {type(answer).__name__}")
     if not answer_text.strip():
@@ -189,7 +189,7 @@ def row_to_example(row: Any, fields: Any, where: str) -> Example:
     ok, solution, skey = lookup("solution")
     sol_text = None
     if ok and solution is not None:
-        sol_text = _as_text(solution)
+        sol_text = as_text(solution)
         if sol_text is None:
             raise DataError(f"{where}: field {skey!r} must be a string or chat messages, got {type(solution).__name__}")
         if not sol_text.strip():

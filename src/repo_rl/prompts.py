@@ -59,3 +59,24 @@ def strip_meta(text: str, patterns: Sequence[str]) -> str:
     for p in patterns:
         out = re.sub(p, "", out)
     return out.strip() if out != text else text
+
+
+def clean_rephrase(
+    raw_ids: Sequence[int], tokenizer: Any, patterns: Sequence[str], max_length: int, eos_token_id: int
+) -> tuple[list[int], str, bool, bool]:
+    """A sampled rephrase as it will be verified and trained: meta text stripped
+    (:func:`strip_meta`), re-encoded with EOS when stripping changed it, cut to ``max_length``
+    (a rollout's ``max_completion_length``) and decoded again when cut, so the text verified is
+    exactly the text trained.
+
+    Returns ``(ids, text, stripped, cut)``.
+    """
+    raw = tokenizer.decode(list(raw_ids), skip_special_tokens=True)
+    text = strip_meta(raw, patterns)
+    stripped = text != raw
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"]) + [int(eos_token_id)] if stripped else list(raw_ids)
+    cut = len(ids) > max_length
+    if cut:
+        ids = ids[:max_length]
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+    return ids, text, stripped, cut

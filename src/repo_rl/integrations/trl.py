@@ -11,7 +11,7 @@
 TRL hands the rollout function the prompts of one generation batch, each repeated
 ``num_generations`` (G) times in a row. For every group of G copies the function:
 
-1. generates G completions with the trainer's current model (:class:`repo_rl.rollout.HFGenerator`);
+1. generates G completions with the trainer's current model (:func:`repo_rl.rollout.make_generator`);
 2. scores them with the trainer's reward functions, called as TRL calls them (dataset columns
    as keyword arguments, ``completion_ids``, ``trainer_state``);
 3. applies the RePO gate (:func:`repo_rl.algorithms.groups.gate`): failure fraction >= ``rho``
@@ -21,9 +21,7 @@ TRL hands the rollout function the prompts of one generation batch, each repeate
    generation call; meta text is removed with :func:`repo_rl.prompts.strip_meta`;
 5. verifies each rephrase with the same reward functions (reward >= ``delta``);
 6. puts verified rephrases in place of the lowest-reward completions
-   (:func:`~repo_rl.algorithms.groups.replacement_slots`,
-   :func:`~repo_rl.algorithms.groups.assign_candidates`,
-   :func:`~repo_rl.algorithms.groups.compose_groups`);
+   (:func:`~repo_rl.algorithms.groups.inject_candidates`, the trainer's own composition);
 7. returns every completion as an answer to the ORIGINAL prompt q (its ``prompt_ids`` are
    those of q), tagged in the extra field ``origin`` (``"on_policy"`` | ``"rephrased"``).
 
@@ -86,16 +84,14 @@ from ..algorithms.groups import (  # noqa: E402
     ORIGIN_NAMES,
     ORIGIN_ON_POLICY,
     ORIGIN_REPHRASED,
-    assign_candidates,
-    compose_groups,
     gate,
-    layout_candidates,
-    replacement_slots,
+    inject_candidates,
 )
 from ..config import RepoConfig  # noqa: E402
-from ..data import Example, _as_text, _get  # noqa: E402
-from ..prompts import PromptRenderer, strip_meta  # noqa: E402
-from ..rollout import HFGenerator, SamplingParams, derive_seed  # noqa: E402
+from ..data import Example, as_text, get_field  # noqa: E402
+from ..prompts import PromptRenderer, clean_rephrase  # noqa: E402
+from ..rewards.combine import combine_rewards  # noqa: E402
+from ..rollout import SamplingParams, derive_seed, make_generator  # noqa: E402
 
 __all__ = [
     "ALLOW_UNTESTED_ENV",
@@ -278,8 +274,8 @@ class RepoRolloutFunc:
         if i is None:
             return None, None
         row = dict(self._rows[i])
-        ok, sol = _get(row, self.solution_column)
-        text = _as_text(sol) if ok else None
+        ok, sol = get_field(row, self.solution_column)
+        text = as_text(sol) if ok else None
         if text is None or not text.strip():
             return row, None
         return row, Example(prompt=prompt, answer="", solution=text, id=str(i))
@@ -344,21 +340,13 @@ class RepoRolloutFunc:
             if len(out) != len(ids):
                 raise ValueError(f"reward function {getattr(f, '__name__', f)!r} returned {len(out)} rewards for {len(ids)} completions")
             per_func[:, j] = torch.tensor([float("nan") if r is None else float(r) for r in out])
-        all_nan = torch.isnan(per_func).all(1)
-        total = (per_func * weights.unsqueeze(0)).nansum(1)
-        total[all_nan] = float("nan")
-        return total
+        return combine_rewards(per_func, weights).float()
 
     def _finalize_rephrase(self, trainer: Any, raw_ids: list[int]) -> list[int]:
         """Meta text stripped, re-encoded (plus EOS) when stripping changed it, cut to max_completion_length."""
         tok = self._tokenizer(trainer)
-        raw = tok.decode(raw_ids, skip_special_tokens=True)
-        text = strip_meta(raw, self.strip_patterns)
-        ids = list(raw_ids)
-        if text != raw:
-            eos = tok.eos_token_id if tok.eos_token_id is not None else trainer.eos_token_ids[0]
-            ids = list(tok(text, add_special_tokens=False)["input_ids"]) + [int(eos)]
-        return ids[: trainer.max_completion_length]
+        eos = tok.eos_token_id if tok.eos_token_id is not None else trainer.eos_token_ids[0]
+        return clean_rephrase(raw_ids, tok, self.strip_patterns, trainer.max_completion_length, int(eos))[0]
 
     @torch.no_grad()
     def _logprobs(self, trainer: Any, prompt_ids: list[list[int]], completion_ids: list[list[int]]) -> list[list[float]]:
@@ -454,7 +442,7 @@ class RepoRolloutFunc:
             )
 
         with generation_model() as model:
-            gen = HFGenerator(model, trainer.eos_token_ids, pad_id, batch_size=self.generation_batch_size)
+            gen = make_generator(model, trainer.eos_token_ids, pad_id, batch_size=self.generation_batch_size)
             completion_ids = gen.generate(rows, params, seeds)
         origins = [ORIGIN_ON_POLICY] * (N * G)
         last: dict[str, Any] = {"step": step, "training": training, "prompts": uniq, "num_generations": G}
@@ -493,7 +481,7 @@ class RepoRolloutFunc:
                     top_k=params.top_k,
                 )
                 with generation_model() as model:  # all gated groups in one call
-                    gen = HFGenerator(model, trainer.eos_token_ids, pad_id, batch_size=self.generation_batch_size)
+                    gen = make_generator(model, trainer.eos_token_ids, pad_id, batch_size=self.generation_batch_size)
                     raw = gen.generate(rp_rows, rp_params, rp_seeds)
                 cand_ids = [self._finalize_rephrase(trainer, r) for r in raw]
                 cand_prompts = [uniq[n] for n in gidx for _ in range(A)]
@@ -503,23 +491,15 @@ class RepoRolloutFunc:
                 verified_rate = float(verified.float().mean())
                 self.stats["attempts"] += verified.numel()
                 self.stats["verified"] += int(verified.sum())
-                choice, ok = assign_candidates(verified, k, self.allow_unverified)
-                k = choice.shape[1]
-                slots = replacement_slots(R, k)
-                cand_rewards, accept, attempt = layout_candidates(torch.tensor(gidx), choice, ok, cand_R, N, A, dtype=R.dtype)
-                pool = attempt.view(-1).tolist()  # candidate pool position -> attempt index
-                new_R, origin_codes, source = compose_groups(R, slots, cand_rewards, accept, ORIGIN_REPHRASED)
-                injected: list[tuple[int, int]] = []
-                for flat, src in enumerate(source.view(-1).tolist()):
-                    if src >= N * G:
-                        c = pool[src - N * G]
-                        completion_ids[flat] = cand_ids[c]
-                        injected.append((flat, c))
-                origins = origin_codes.view(-1).tolist()
+                inj = inject_candidates(R, torch.tensor(gidx), cand_R, verified, k, self.allow_unverified, ORIGIN_REPHRASED)
+                injected = inj.injected
+                for flat, c in injected:
+                    completion_ids[flat] = cand_ids[c]
+                origins = inj.origins.view(-1).tolist()
                 last.update(
                     verified=verified.tolist(),
                     injected=[f for f, _ in injected],
-                    rewards=new_R.tolist(),
+                    rewards=inj.rewards.tolist(),
                     rephrase_prompts=rp_prompts,
                     rephrase_prompt_ids=rp_ids,
                     candidate_ids=cand_ids,

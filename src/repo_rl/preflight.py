@@ -1,0 +1,77 @@
+"""Checks that run before training starts, so a bad setting fails in seconds with one line
+instead of at step 300: data sources, expert solutions, prompt lengths."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from . import algorithms as alg
+from .config import Config
+from .data import Example
+from .distributed import Dist
+from .errors import UserError
+
+
+def resolve_data(files: str | list[str], cfg: Config, out: Path, dist: Dist) -> list[str]:
+    """Data sources with ``toyworld:<split>`` written to ``out/data`` (rank 0 writes, every rank reads)."""
+    srcs = [files] if isinstance(files, str) else list(files)
+    resolved = []
+    for s in srcs:
+        if s.startswith("toyworld:"):
+            from . import toyworld
+
+            split = s.split(":", 1)[1]
+            tw = cfg.toyworld.world_config()
+            paths = toyworld.write_datasets(tw, out / "data") if dist.is_main else None
+            paths = dist.gather(paths)[0]
+            if split not in paths:
+                raise UserError(f"data: unknown toy-world split {split!r}; expected one of {', '.join(sorted(paths))}")
+            resolved.append(str(paths[split]))
+        else:
+            resolved.append(s)
+    return resolved
+
+
+def check_solutions(method: alg.Method, examples: list[Example]) -> None:
+    """A method that learns from expert solutions needs at least one training row with one."""
+    specs = [alg.METHODS[p] for p in method.phases] if method.phases else [method]
+    if any(s.requires_solution for s in specs) and not any(e.solution is not None for e in examples):
+        raise UserError(
+            f"algorithm.method={method.name} learns from expert solutions, but none of the "
+            f"{len(examples)} training rows has one (set data.fields.solution to the column that "
+            "holds them, or use algorithm.method=grpo)"
+        )
+
+
+def check_prompt_lengths(
+    cfg: Config, examples: list[Example], renderer: Any, tokenizer: Any, model: Any, prompt_ids: Callable[[int], list[int]]
+) -> None:
+    """Every training prompt must tokenize to at least one token and fit: at most
+    ``data.max_prompt_length`` tokens, and room left in the model's context
+    (``max_position_embeddings``) for ``algorithm.max_completion_length`` new tokens.
+    A huge text is refused from a prefix, without tokenizing all of it."""
+    limit = cfg.data.max_prompt_length
+    ctx = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    room = ctx - cfg.algorithm.max_completion_length if isinstance(ctx, int) and ctx > 0 else None
+    bound = min(x for x in (limit, room) if x is not None) if (limit or room) else None
+    for i, ex in enumerate(examples):
+        if bound is not None:
+            text = renderer.text(ex.prompt)
+            cut = 64 * (bound + 1)  # no tokenizer packs 64 characters into one token
+            if len(text) > cut and len(tokenizer(text[:cut], add_special_tokens=False)["input_ids"]) > bound:
+                raise UserError(_too_long(cfg, ex, f"more than {bound}", limit, room, ctx))
+        n_ids = len(prompt_ids(i))
+        if n_ids == 0:
+            raise UserError(f"{ex.id}: prompt has no tokens after tokenization (characters the tokenizer drops?)")
+        if bound is not None and n_ids > bound:
+            raise UserError(_too_long(cfg, ex, str(n_ids), limit, room, ctx))
+
+
+def _too_long(cfg: Config, ex: Example, n: str, limit: Optional[int], room: Optional[int], ctx: Any) -> str:
+    if limit is not None and (room is None or limit <= room):
+        return f"{ex.id}: prompt has {n} tokens, more than data.max_prompt_length={limit}"
+    return (
+        f"{ex.id}: prompt has {n} tokens; with algorithm.max_completion_length={cfg.algorithm.max_completion_length} "
+        f"it does not fit the model's context of {ctx} tokens (max_position_embeddings)"
+    )

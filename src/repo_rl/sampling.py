@@ -1,0 +1,240 @@
+"""The sampling stages of a step: rollouts, candidates for the gated groups, and the method's
+group composition (gate -> candidates -> verify -> inject).
+
+:class:`StepSampler` generates through the configured engine (:func:`repo_rl.rollout.make_generator`)
+and scores through :class:`repo_rl.rewards.scorer.RewardScorer`; the group surgery itself is the
+pure :func:`repo_rl.algorithms.inject_candidates`, the rephrase clean-up
+:func:`repo_rl.prompts.clean_rephrase`, both shared with the TRL adapter.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+
+from . import algorithms as alg
+from .config import Config
+from .data import Example
+from .prompts import PromptRenderer, clean_rephrase
+from .rollout import SamplingParams, derive_seed
+from .step import Group, Rollouts, Sequence_
+
+# Seed streams, so rollouts, rephrases and eval samples never share random numbers.
+STREAM_ROLLOUT, STREAM_REPHRASE, STREAM_EVAL, STREAM_STEP = 1, 2, 3, 4
+
+
+class StepSampler:
+    """Rollouts and composed groups of one step; see the module docstring."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        tokenizer: Any,
+        renderer: PromptRenderer,
+        eos_ids: Sequence[int],
+        scorer: Callable[..., tuple[torch.Tensor, dict[str, float]]],
+        sample: Callable[[list[list[int]], SamplingParams, list[int], bool], tuple[list[list[int]], Optional[list[list[float]]]]],
+        logprobs_under: Callable[[list[Sequence_]], list[torch.Tensor]],
+        prompt_ids: Callable[[int], list[int]],
+    ) -> None:
+        self.cfg, self.tokenizer, self.renderer = cfg, tokenizer, renderer
+        self.eos_ids = list(eos_ids)
+        self.scorer = scorer
+        self.sample = sample
+        """``sample(rows, params, seeds, want_logprobs) -> (ids, token log-probs or None)``."""
+        self.logprobs_under = logprobs_under
+        """No-grad log-probs of sequences under the current policy, at the training temperature."""
+        self.prompt_ids = prompt_ids
+
+    # ------------------------------------------------------------------ helpers
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    @property
+    def eos_token_id(self) -> int:
+        return self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else self.eos_ids[0]
+
+    def encode_completion(self, text: str) -> list[int]:
+        """Token ids of a text completion plus EOS, cut to ``max_completion_length``."""
+        ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"]) + [self.eos_token_id]
+        return ids[: self.cfg.algorithm.max_completion_length]
+
+    def is_truncated(self, ids: Sequence[int], limit: int) -> bool:
+        return len(ids) >= limit and (not ids or ids[-1] not in self.eos_ids)
+
+    def rollout_params(self) -> SamplingParams:
+        a = self.cfg.algorithm
+        return SamplingParams(a.max_completion_length, a.temperature, a.top_p, a.top_k)
+
+    def rephrase_params(self) -> SamplingParams:
+        a, r = self.cfg.algorithm, self.cfg.repo
+        return SamplingParams(
+            r.max_new_tokens or a.max_completion_length,
+            a.temperature if r.temperature is None else r.temperature,
+            a.top_p if r.top_p is None else r.top_p,
+            a.top_k,
+        )
+
+    def rephrase_rows(
+        self, examples: list[Example], dataset_index: list[int], positions: Sequence[int], step: int
+    ) -> tuple[list[list[int]], list[int]]:
+        """Rephrase prompts P(q, k) and seeds: ``num_attempts`` rows per prompt position, in order."""
+        cfg = self.cfg
+        rows, seeds = [], []
+        for n in positions:
+            ids = self.renderer.ids(self.renderer.rephrase_prompt(examples[n], cfg.repo.rephrase_template))
+            occurrence = dataset_index[:n].count(dataset_index[n])
+            for a in range(cfg.repo.num_attempts):
+                rows.append(ids)
+                seeds.append(derive_seed(cfg.train.seed, STREAM_REPHRASE, step, dataset_index[n], occurrence, a))
+        return rows, seeds
+
+    # ------------------------------------------------------------------ rollouts
+    def rollouts(self, examples: list[Example], dataset_index: list[int], method: alg.Method, step: int, batching: str) -> Rollouts:
+        """G completions per prompt; with ``batching="with_rollouts"`` (RePO only) the rephrases of
+        every prompt with a solution are sampled in the same call, and the gate picks later."""
+        cfg = self.cfg
+        G = cfg.algorithm.num_generations
+        rows, seeds = [], []
+        for n, di in enumerate(dataset_index):
+            occurrence = dataset_index[:n].count(di)
+            for j in range(G):
+                rows.append(self.prompt_ids(di))
+                seeds.append(derive_seed(cfg.train.seed, STREAM_ROLLOUT, step, di, occurrence, j))
+        params = self.rollout_params()
+        if not (method.rephrases and self.rephrase_params() == params):
+            batching = "separate"
+        rp_rows: list[list[int]] = []
+        eligible: list[int] = []
+        if batching == "with_rollouts":
+            eligible = [n for n, e in enumerate(examples) if e.solution is not None]
+            rp_rows, rp_seeds = self.rephrase_rows(examples, dataset_index, eligible, step)
+            rows, seeds = rows + rp_rows, seeds + rp_seeds
+        comps, lps = self.sample(rows, params, seeds, bool(rp_rows) and cfg.repo.log_prob_gap)
+        pool = None
+        if rp_rows:
+            A, base = cfg.repo.num_attempts, len(rows) - len(rp_rows)
+            pool = {
+                n: [(rows[base + i * A + a], comps[base + i * A + a], lps[base + i * A + a] if lps is not None else []) for a in range(A)]
+                for i, n in enumerate(eligible)
+            }
+            rows, comps = rows[:base], comps[:base]
+        seqs = [Sequence_(r, c, self.is_truncated(c, params.max_new_tokens)) for r, c in zip(rows, comps)]
+        return Rollouts(seqs, [self.decode(c) for c in comps], pool, batching)
+
+    def sft_group(self, examples: list[Example], dataset_index: list[int]) -> Group:
+        """Pure SFT: the expert solution of each prompt under q, no rollouts."""
+        seqs, texts, keep = [], [], []
+        limit = self.cfg.algorithm.max_completion_length
+        for n, ex in enumerate(examples):
+            if ex.solution is None:
+                continue
+            comp = self.encode_completion(ex.solution)
+            seqs.append(Sequence_(self.prompt_ids(dataset_index[n]), comp, self.is_truncated(comp, limit), alg.KIND_SFT))
+            texts.append(ex.solution)
+            keep.append(n)
+        counters = {f"repo/{key}": 0.0 for key in ("groups", "gated", "attempts", "verified", "replaced", "positive")}
+        return Group(
+            [examples[n] for n in keep], [dataset_index[n] for n in keep], seqs, texts,
+            rewards=torch.full((len(seqs),), float("nan"), dtype=torch.float64),
+            origins=torch.full((len(seqs),), alg.ORIGIN_EXPERT, dtype=torch.long),
+            dropped=torch.zeros(len(seqs), dtype=torch.bool), counters=counters,
+        )
+
+    # ------------------------------------------------------------------ composition
+    def _rephrase_candidates(self, examples, dataset_index, rollouts: Rollouts, gidx: list[int], step: int):
+        """Rephrases of the gated groups, cleaned: (sequences, texts, prompt rows, log pi(o|P) or None)."""
+        cfg = self.cfg
+        A = cfg.repo.num_attempts
+        params = self.rephrase_params()
+        if rollouts.rephrase_pool is not None:  # sampled with the rollouts
+            rows, outs, lps = (list(x) for x in zip(*(rollouts.rephrase_pool[n][a] for n in gidx for a in range(A))))
+        else:
+            rows, seeds = self.rephrase_rows(examples, dataset_index, gidx, step)
+            outs, lps = self.sample(rows, params, seeds, cfg.repo.log_prob_gap)  # all gated groups in one call
+        # The sampler's log-probs are at the rephrase temperature; they count only when that is the
+        # temperature of the training log-probs (a stripped text is new ids, recomputed too).
+        train_t = cfg.algorithm.temperature if cfg.algorithm.temperature > 0 else 1.0
+        same_t = (params.temperature if params.temperature > 0 else 1.0) == train_t
+        seqs, texts, logp = [], [], []
+        for c, ids in enumerate(outs):
+            comp, text, stripped, cut = clean_rephrase(ids, self.tokenizer, cfg.repo.strip_patterns,
+                                                       cfg.algorithm.max_completion_length, self.eos_token_id)
+            truncated = cut or (not stripped and self.is_truncated(ids, params.max_new_tokens))
+            seqs.append(Sequence_([], comp, truncated))
+            texts.append(text)
+            sampled = same_t and lps is not None and len(lps[c]) == len(ids) and comp == ids[: len(comp)]
+            logp.append(float(sum(lps[c][: len(comp)])) if sampled else None)
+        return seqs, texts, rows, logp
+
+    def compose(
+        self, examples: list[Example], dataset_index: list[int], rollouts: Rollouts, rewards: torch.Tensor,
+        method: alg.Method, step: int, timings: dict[str, float],
+    ) -> Group:
+        """The method's groups: gate -> candidates (rephrases or expert text) -> verify -> inject."""
+        cfg = self.cfg
+        G, N = cfg.algorithm.num_generations, len(examples)
+        R = rewards.view(N, G)
+        eligible = torch.tensor([e.solution is not None for e in examples])
+        gated = method.gated(R, eligible, cfg.repo.delta, cfg.repo.rho)
+        counters = {f"repo/{key}": 0.0 for key in ("attempts", "verified", "replaced", "positive")}
+        counters["repo/groups"], counters["repo/gated"] = float(N), float(gated.sum())
+        group = Group(examples, dataset_index, list(rollouts.sequences), list(rollouts.texts), rewards,
+                      torch.zeros(N * G, dtype=torch.long), torch.zeros(N * G, dtype=torch.bool), counters,
+                      batching=rollouts.batching)
+        if not method.injection or not bool(gated.any()):
+            return group
+        A = cfg.repo.num_attempts
+        gidx = gated.nonzero().flatten().tolist()
+        t0 = time.perf_counter()
+        rp_rows: list[list[int]] = []
+        rp_logp: list[Optional[float]] = []
+        if method.rephrases:
+            cand_seqs, cand_texts, rp_rows, rp_logp = self._rephrase_candidates(examples, dataset_index, rollouts, gidx, step)
+        else:  # the expert solution itself, trained under q
+            cand_texts = [examples[n].solution or "" for n in gidx for _ in range(A)]
+            cand_seqs = []
+            for text in cand_texts:
+                comp = self.encode_completion(text)
+                cand_seqs.append(Sequence_([], comp, self.is_truncated(comp, cfg.algorithm.max_completion_length)))
+        timings["rephrase"] = time.perf_counter() - t0
+        if method.rephrases:
+            t0 = time.perf_counter()
+            cand_examples = [examples[n] for n in gidx for _ in range(A)]
+            cand_r, rmetrics = self.scorer([e.prompt for e in cand_examples], cand_texts, cand_examples)
+            timings["reward"] = timings.get("reward", 0.0) + time.perf_counter() - t0
+            for key in ("rewards/verifier_errors", "rewards/verifier_timeouts"):
+                counters[key] = counters.get(key, 0.0) + rmetrics[key]
+            verified = (cand_r >= cfg.repo.delta).view(len(gidx), A)
+            counters["repo/attempts"], counters["repo/verified"] = float(verified.numel()), float(verified.sum())
+            k, origin = cfg.repo.num_replace, alg.ORIGIN_REPHRASED
+        else:
+            # The expert solution is the reference: it is taken as correct (reward 1) whether or
+            # not the verifier can parse its foreign format.
+            cand_r = torch.ones(len(gidx) * A, dtype=torch.float64)
+            verified = torch.ones(len(gidx), A, dtype=torch.bool)
+            k, origin = 1, alg.ORIGIN_EXPERT
+        inj = alg.inject_candidates(R, torch.tensor(gidx), cand_r, verified, k, cfg.repo.allow_unverified, origin)
+        for flat, c in inj.injected:
+            q = rollouts.sequences[(flat // G) * G].prompt_ids
+            group.sequences[flat] = Sequence_(q, cand_seqs[c].completion_ids, cand_seqs[c].truncated, method.injected_kind)
+            group.texts[flat] = cand_texts[c]
+        group.rewards, group.origins = inj.rewards.view(-1), inj.origins.view(-1)
+        if method.drop_group:
+            got = (inj.origins != alg.ORIGIN_ON_POLICY).any(1, keepdim=True)
+            group.dropped = (got & (inj.origins == alg.ORIGIN_ON_POLICY)).view(-1)
+        counters["repo/replaced"] = float(len(inj.injected))
+        # Hard-sample utilisation, part (a): gated groups that got a positive learning signal.
+        counters["repo/positive"] = float(inj.positive(cfg.repo.delta)[gated].sum())
+        if inj.injected and method.rephrases and cfg.repo.log_prob_gap:
+            # log pi(o|P(q,k)) comes from the sampler (or a forward here); log pi(o|q) from the update.
+            missing = [(f, c) for f, c in inj.injected if rp_logp[c] is None]
+            if missing:
+                under_p = self.logprobs_under([Sequence_(rp_rows[c], cand_seqs[c].completion_ids, False) for _, c in missing])
+                for (_, c), lp in zip(missing, under_p):
+                    rp_logp[c] = float(lp.sum())
+            group.gap_under_p = {f: float(rp_logp[c]) for f, c in inj.injected}  # type: ignore[arg-type]
+        return group
+

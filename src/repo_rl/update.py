@@ -1,0 +1,322 @@
+"""The update: micro-batches, log-probs under q, the loss, backward and the optimizer step.
+
+:class:`PolicyUpdate` owns everything between "these rows, with these advantages" and "the
+weights moved": the forward passes (policy, old policy for ``num_iterations > 1``, reference
+for ``beta > 0``), the per-row losses of :mod:`repo_rl.algorithms.losses`, gradient
+accumulation with global normalisers, and the DDP / FSDP / DeepSpeed branches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import torch
+
+from . import algorithms as alg
+from .config import Config
+from .distributed import Dist
+from .logprobs import completion_logprobs
+from .step import Sequence_
+
+
+@dataclass
+class UpdateResult:
+    metrics: dict[str, float]
+    """``loss``, ``grad_norm``, ``clip_ratio*``, ``entropy``, ``kl``, ``learning_rate``, ``train/*``."""
+    logp_sums: dict[int, float]
+    """Row -> log pi(o | q) before the update, for the rows asked for."""
+    skipped: bool
+    """The loss or the gradient was not finite: the optimizer did not step."""
+    timings: dict[str, float]
+    """``logprobs`` (old and reference passes) and ``update`` seconds."""
+
+
+class PolicyUpdate:
+    """The update of one step; see the module docstring."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        dist: Dist,
+        model: Any,
+        core: Any,
+        ref_model: Any,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any,
+        device: torch.device,
+        pad_token_id: int,
+        autocast_dtype: Optional[torch.dtype],
+        lora: bool,
+    ) -> None:
+        self.cfg, self.dist = cfg, dist
+        self.model, self.core, self.ref_model = model, core, ref_model
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.device, self.pad_token_id = device, pad_token_id
+        self.autocast_dtype, self.lora = autocast_dtype, lora
+
+    def autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def forward_logprobs(
+        self,
+        model: Any,
+        seqs: Sequence[Sequence_],
+        with_grad: bool,
+        want_entropy: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """Per-token log-probs of each completion under its prompt: ``[B, T]``, mask ``[B, T]``."""
+        B = len(seqs)
+        T = max(max(len(s.completion_ids) for s in seqs), 1)
+        P = max(len(s.prompt_ids) for s in seqs)
+        L = P + T
+        pad = self.pad_token_id
+        ids = torch.full((B, L), pad, dtype=torch.long)
+        attn = torch.zeros((B, L), dtype=torch.long)
+        cmask = torch.zeros((B, T), dtype=torch.float32)
+        for i, s in enumerate(seqs):
+            # Left-pad prompts so every completion starts at column P.
+            p, c = s.prompt_ids, s.completion_ids
+            ids[i, P - len(p) : P] = torch.tensor(p)
+            attn[i, P - len(p) : P] = 1
+            if c:
+                ids[i, P : P + len(c)] = torch.tensor(c)
+                attn[i, P : P + len(c)] = 1
+                cmask[i, : len(c)] = 1
+        ids, attn, cmask = ids.to(self.device), attn.to(self.device), cmask.to(self.device)
+        pos = (attn.cumsum(-1) - 1).clamp(min=0)
+        ctx = contextlib.nullcontext() if with_grad else torch.no_grad()
+        temps = [1.0 if s.kind == alg.KIND_SFT else self.temperature() for s in seqs]
+        temperature = temps[0] if len(set(temps)) == 1 else torch.tensor(temps)
+        with ctx, self.autocast():
+            logp, ent = completion_logprobs(
+                model, ids, attn, pos, P, T, self.cfg.train.logprob_chunk_size, want_entropy, temperature
+            )
+        return logp, cmask, ent
+
+    def temperature(self) -> float:
+        """Temperature of the training, old and reference log-probs: the rollouts' (1 for greedy)."""
+        t = self.cfg.algorithm.temperature
+        return t if t > 0 else 1.0
+
+    def micro_batches(self, seqs: Sequence[Sequence_], rows: Optional[Sequence[int]] = None) -> list[Optional[list[int]]]:
+        """Indices of ``rows`` (default: all) grouped by total length (less padding); the loss normalisers are global.
+
+        Under FSDP and DeepSpeed every rank must run the same number of forward and backward
+        passes, so a rank with fewer micro-batches gets ``None`` entries: a one-token forward
+        whose loss is multiplied by zero (see :meth:`filler`).
+        """
+        rows = range(len(seqs)) if rows is None else rows
+        order = sorted(rows, key=lambda i: (len(seqs[i].prompt_ids) + len(seqs[i].completion_ids), i))
+        mb = self.cfg.train.micro_batch_size
+        chunks: list[Optional[list[int]]] = [order[s : s + mb] for s in range(0, len(order), mb)]
+        if self.dist.sharded:
+            chunks += [None] * (self.dist.max_int(len(chunks)) - len(chunks))
+        return chunks
+
+    def backward(self, loss: torch.Tensor, last: bool) -> None:
+        """Backward of one micro-batch; under DeepSpeed, gradients are reduced at the last one."""
+        engine = self.dist.engine
+        if engine is None:
+            loss.backward()
+            return
+        # engine.forward would mark a new micro-step; repo-rl calls the module directly, so it
+        # does it here, or ZeRO-3 overwrites instead of accumulating the earlier micro-batches.
+        engine.optimizer.clear_backward_seen_flag()
+        engine.set_gradient_accumulation_boundary(last)
+        engine.backward(loss * self.dist.world)  # DeepSpeed averages over ranks; repo-rl sums
+
+    def filler(self) -> list[Sequence_]:
+        pad = self.pad_token_id
+        return [Sequence_([pad], [pad], truncated=False)]
+
+    @torch.no_grad()
+    def logprobs(self, model: Any, seqs: Sequence[Sequence_], rows: Optional[Sequence[int]] = None) -> list[torch.Tensor]:
+        """Log-probs of the completions of ``rows`` (default: all); None for the others."""
+        out: list[torch.Tensor] = [None] * len(seqs)  # type: ignore[list-item]
+        for chunk in self.micro_batches(seqs, rows):
+            if chunk is None:
+                self.forward_logprobs(model, self.filler(), with_grad=False)
+                continue
+            logp, mask, _ = self.forward_logprobs(model, [seqs[i] for i in chunk], with_grad=False)
+            for j, i in enumerate(chunk):
+                out[i] = logp[j, : int(mask[j].sum())].cpu()
+        return out
+
+    def __call__(
+        self, seqs: Sequence[Sequence_], advantages: torch.Tensor, valid: torch.Tensor, keep_logp: Sequence[int] = ()
+    ) -> UpdateResult:
+        """One optimizer step (``algorithm.num_iterations`` of them) on this rank's rows.
+
+        ``valid`` marks the rows in the loss; ``keep_logp`` the rows whose log pi(o | q) before the
+        update is wanted back (``UpdateResult.logp_sums``, for ``repo/logp_gap``)."""
+        cfg = self.cfg
+        a = cfg.algorithm
+        loss_mask_seq = valid.clone()
+        if a.mask_truncated_completions:
+            # Only sampled completions are masked; expert/SFT text cut to the limit still trains.
+            loss_mask_seq &= torch.tensor([not (s.truncated and s.kind == alg.KIND_POLICY) for s in seqs])
+        # Loss normalisers are totals over the global batch (all micro-batches, all ranks).
+        totals = self.dist.sum_dict({
+            "seq": float(loss_mask_seq.sum()),
+            "tok": float(sum(len(s.completion_ids) for s, v in zip(seqs, loss_mask_seq.tolist()) if v)),
+        })
+        n_seq, n_tok = int(totals["seq"]), int(totals["tok"])
+        # train.skip_zero_advantage: rows with zero loss and gradient (masked out, or zero advantage
+        # without a KL term) are not forwarded; the normalisers above still count them, so loss and
+        # gradient are unchanged. Injected rephrasings are forwarded anyway, for repo/logp_gap.
+        rows = list(range(len(seqs)))
+        if cfg.train.skip_zero_advantage:
+            kinds_all = torch.tensor([s.kind for s in seqs], dtype=torch.long)
+            trained = loss_mask_seq & ~alg.zero_gradient_rows(advantages.cpu(), kinds_all, a.beta)
+            trained[list(keep_logp)] = loss_mask_seq[list(keep_logp)]
+            rows = trained.nonzero().squeeze(-1).tolist()
+        t0 = time.perf_counter()
+        timings: dict[str, float] = {}
+        logp_sums: dict[int, float] = {}
+        keep = set(keep_logp)
+        old_logps = self.logprobs(self.core, seqs, rows) if a.num_iterations > 1 else None
+        ref_logps = None
+        if self.ref_model is not None:
+            ref_logps = self.logprobs(self.ref_model, seqs, rows)
+        elif self.lora and a.beta > 0:
+            with self.model.disable_adapter():  # the reference is the base model: no second copy
+                ref_logps = self.logprobs(self.core, seqs, rows)
+        timings["logprobs"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        stats = {"loss": 0.0, "clip_low": 0.0, "clip_high": 0.0, "clip_tokens": 0.0, "kl": 0.0, "entropy": 0.0, "tokens": 0.0,
+                 "rows_not_forwarded": float(len(seqs) - len(rows))}
+        grad_norms: list[float] = []
+        skipped = False
+        engine = self.dist.engine
+        for it in range(a.num_iterations):
+            if engine is None:
+                self.optimizer.zero_grad(set_to_none=True)
+            loss_total = 0.0
+            chunks = self.micro_batches(seqs, rows)
+            if not chunks and n_seq > 0:
+                # Every row here has zero gradient: a zero-loss filler pass still gives every
+                # parameter a (zero) gradient, so the optimizer steps exactly as without skipping.
+                chunks = [None]
+            for ci, chunk in enumerate(chunks):
+                last = ci == len(chunks) - 1
+                if chunk is None:  # a filler (see above, and micro_batches); adds nothing to the gradient
+                    logp, _, _ = self.forward_logprobs(self.core, self.filler(), with_grad=True)
+                    if n_seq > 0:
+                        self.backward(logp.sum() * 0.0, last)
+                    continue
+                mb = [seqs[i] for i in chunk]
+                logp, mask, ent = self.forward_logprobs(self.core, mb, with_grad=True, want_entropy=(it == 0))
+                if it == 0 and keep:
+                    for j, i in enumerate(chunk):
+                        if i in keep:
+                            logp_sums[i] = float((logp[j].detach() * mask[j]).sum())
+                seq_w = loss_mask_seq[chunk].to(mask.device, mask.dtype)
+                mask = mask * seq_w.unsqueeze(-1)
+                T = logp.shape[1]
+
+                def stack(vals: Optional[list[torch.Tensor]]) -> Optional[torch.Tensor]:
+                    if vals is None:
+                        return None
+                    out = torch.zeros(len(chunk), T)
+                    for j, i in enumerate(chunk):
+                        out[j, : vals[i].numel()] = vals[i]
+                    return out.to(logp.device)
+
+                old = stack(old_logps)
+                old = logp.detach() if old is None else old
+                adv = advantages[chunk].to(logp.device, logp.dtype)
+                kinds = torch.tensor([seqs[i].kind for i in chunk], device=logp.device)
+                per_tok, parts = alg.token_loss(
+                    logp, old, adv, kinds, epsilon_low=a.epsilon, epsilon_high=cfg.epsilon_high,
+                    gamma=cfg.baselines.luffy_gamma, beta=a.beta, ref_logp=stack(ref_logps),
+                    use_bias_correction_kl=a.use_bias_correction_kl, clip_ratio_c=a.clip_ratio_c,
+                    log_ratio_bound=a.log_ratio_bound,
+                )
+                low, high = parts["clip_low"], parts["clip_high"]
+                if "kl" in parts and it == 0:
+                    stats["kl"] += float((parts["kl"] * mask).sum())
+                loss = alg.aggregate(per_tok, mask, a.loss_type, num_sequences=n_seq, num_tokens=n_tok, max_completion_length=a.max_completion_length)
+                if n_seq > 0:
+                    self.backward(loss, last)
+                loss_total += float(loss.detach())  # this rank's share of the global loss
+                # Clipping is counted over every iteration: with num_iterations=1 the ratio is 1
+                # by construction, and only later iterations can leave the trust region.
+                stats["clip_tokens"] += float(mask.sum())
+                stats["clip_low"] += float((low.float() * mask).sum())
+                stats["clip_high"] += float((high.float() * mask).sum())
+                if it == 0:
+                    stats["tokens"] += float(mask.sum())
+                    if ent is not None:
+                        stats["entropy"] += float((ent * mask).sum())
+            loss_total = self.dist.sum_dict({"loss": loss_total})["loss"]
+            if engine is not None:
+                # DeepSpeed clips (train.max_grad_norm) and steps, and skips the update itself when
+                # the gradient norm is not finite.
+                gn = 0.0
+                if n_seq > 0:
+                    engine.step()
+                    norm = engine.get_global_grad_norm()
+                    gn = float(norm) if norm is not None else float("nan")
+                if not math.isfinite(gn):
+                    skipped = True
+                    break
+                grad_norms.append(gn)
+                stats["loss"] += loss_total / a.num_iterations
+                continue
+            self.dist.all_reduce_grads(self.model.parameters())
+            params = [p for p in self.model.parameters() if p.grad is not None]
+            if params:
+                gn = torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm if cfg.train.max_grad_norm > 0 else float("inf"))
+                gn = float(gn.full_tensor() if hasattr(gn, "full_tensor") else gn)  # a DTensor under FSDP
+            else:
+                gn = 0.0
+            if not math.isfinite(loss_total) or not math.isfinite(gn):
+                self.optimizer.zero_grad(set_to_none=True)
+                skipped = True
+                break
+            grad_norms.append(gn)
+            stats["loss"] += loss_total / a.num_iterations
+            self.optimizer.step()
+            # Free the gradients now rather than at the next zero_grad: they are a model-sized
+            # buffer that would otherwise sit through the next step's generation.
+            self.optimizer.zero_grad(set_to_none=True)
+        if not skipped:
+            self.scheduler.step()
+        timings["update"] = time.perf_counter() - t0
+        loss_sum = stats.pop("loss")
+        stats = self.dist.sum_dict(stats)
+        tok = max(stats["tokens"], 1.0)
+        ctok = max(stats["clip_tokens"], 1.0)
+        out = {
+            "loss": loss_sum if not skipped else float("nan"),
+            "grad_norm": (sum(grad_norms) / len(grad_norms)) if grad_norms else float("nan"),
+            "clip_ratio/low_mean": stats["clip_low"] / ctok,
+            "clip_ratio/high_mean": stats["clip_high"] / ctok,
+            "clip_ratio/region_mean": (stats["clip_low"] + stats["clip_high"]) / ctok,
+            "entropy": stats["entropy"] / stats["tokens"] if stats["tokens"] else float("nan"),
+            "kl": stats["kl"] / tok if a.beta > 0 else 0.0,
+            "learning_rate": self.scheduler.get_last_lr()[0],
+        }
+        out["clip_ratio"] = out["clip_ratio/region_mean"]
+        out["train/skipped_step"] = float(skipped)
+        out["train/rows_not_forwarded"] = stats["rows_not_forwarded"]
+        return UpdateResult(out, logp_sums, skipped, timings)
+
+
+def lr_factor(t: Any, step: int) -> float:
+    """Learning-rate multiplier at ``step`` (``train.warmup_steps``, then ``train.lr_scheduler``)."""
+    if t.warmup_steps and step < t.warmup_steps:
+        return (step + 1) / t.warmup_steps
+    if t.lr_scheduler == "constant":
+        return 1.0
+    span = max(t.max_steps - t.warmup_steps, 1)
+    frac = min(max(step - t.warmup_steps, 0) / span, 1.0)
+    if t.lr_scheduler == "linear":
+        return 1.0 - frac
+    return 0.5 * (1.0 + math.cos(math.pi * frac))
