@@ -1,4 +1,5 @@
-"""Tests of repo_rl.evaluate: metrics, benchmark layouts, prompt formatting, the eval command."""
+"""Tests of repo_rl.evaluation (through the repo_rl.evaluate compatibility names): metrics, benchmark
+layouts, prompt formatting, the eval command."""
 
 from __future__ import annotations
 
@@ -499,7 +500,7 @@ def test_eval_command_end_to_end_tiny_model(tiny_model_dir, tmp_path, capsys):
 
 
 class ScriptedGenerator:
-    """Stands in for HFGenerator: answers by a tag in the prompt.
+    """An engine (registered as ``scripted``) standing in for HFGenerator: answers by a tag in the prompt.
 
     ``always`` items get the right answer, ``never`` a wrong one, ``half`` the right one when
     the sample seed is even. Multiple-choice items (their question says "pick") get a letter.
@@ -512,7 +513,7 @@ class ScriptedGenerator:
         self.tok = make_tokenizer()
         self.eos = list(eos_token_ids)
 
-    def generate(self, prompts, params, seeds):
+    def generate(self, prompts, params, seeds, logprobs=False):
         out = []
         for ids, sd in zip(prompts, seeds):
             text = self.tok.decode(ids, skip_special_tokens=True)
@@ -527,7 +528,7 @@ class ScriptedGenerator:
 def test_eval_command_scripted_answers(tiny_model_dir, tmp_path, monkeypatch):
     import repo_rl.rollout
 
-    monkeypatch.setattr(repo_rl.rollout, "HFGenerator", ScriptedGenerator)
+    monkeypatch.setitem(repo_rl.rollout.GENERATORS, "scripted", ScriptedGenerator)
     math_rows = [
         {"problem": "always: what is 2+3?", "answer": "5"},
         {"problem": "never: what is 1+1?", "answer": "2"},
@@ -542,9 +543,10 @@ def test_eval_command_scripted_answers(tiny_model_dir, tmp_path, monkeypatch):
     out = tmp_path / "r.json"
     n = 4
     args = parse(["--model", str(tiny_model_dir), "--data", str(tmp_path / "toy_math.jsonl"), "--data", str(tmp_path / "toy_mc.jsonl"),
-                  "--n", str(n), "--output", str(out), "--no-progress"])
+                  "--n", str(n), "--output", str(out), "--no-progress", "--backend", "scripted"])
     assert args.func(args) == 0
     report = json.loads(out.read_text())
+    assert report["settings"]["backend"] == "scripted"
     check_report_against_jsonl(report, n)
     for name in ("toy_math", "toy_mc"):
         r = report["benchmarks"][name]
@@ -609,6 +611,41 @@ def test_eval_command_bad_flags(tmp_path, flags, match):
     args = parse(["--model", "x", "--data", str(DATA / "aime24.jsonl"), "--output", str(tmp_path / "r.json"), *flags])
     with pytest.raises(UserError, match=match):
         ev.run_eval_command(args)
+
+
+def test_backend_flag_lists_registered_engines_and_refuses_unknown(monkeypatch, capsys):
+    """--backend offers sorted(repo_rl.rollout.GENERATORS), read when needed, and nothing else."""
+    import repo_rl.rollout
+    from repo_rl.cli import build_parser
+
+    assert parse(["--model", "m", "--data", "a.jsonl"]).backend == "hf"
+    monkeypatch.setitem(repo_rl.rollout.GENERATORS, "zztestengine", ScriptedGenerator)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["eval", "--help"])
+    help_text = capsys.readouterr().out
+    assert "generation engine" in help_text and ", ".join(sorted(repo_rl.rollout.GENERATORS)) in " ".join(help_text.split())
+    assert parse(["--model", "m", "--data", "a.jsonl", "--backend", "zztestengine"]).backend == "zztestengine"
+    with pytest.raises(SystemExit) as ei:
+        build_parser().parse_args(["eval", "--model", "m", "--data", "a.jsonl", "--backend", "no-such-engine"])
+    assert ei.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1
+    assert "--backend" in err and "'no-such-engine'" in err and "'hf'" in err and "'zztestengine'" in err
+    # A namespace built without argparse is checked too.
+    args = parse(["--model", "m", "--data", str(DATA / "aime24.jsonl")])
+    args.backend = "no-such-engine"
+    with pytest.raises(UserError, match="--backend no-such-engine: unknown engine; expected one of " + ", ".join(sorted(repo_rl.rollout.GENERATORS))):
+        ev.run_eval_command(args)
+
+
+def test_compat_module_reexports_the_evaluation_package():
+    import repo_rl.evaluation as evaluation
+    from repo_rl.evaluation import benchmarks, cli, metrics, runner
+
+    assert set(ev.__all__) == set(evaluation.__all__)
+    assert all(getattr(ev, name) is getattr(evaluation, name) for name in evaluation.__all__)
+    assert ev.pass_at_k is metrics.pass_at_k and ev.load_benchmark is benchmarks.load_benchmark
+    assert ev.generate is runner.generate and ev.run_eval_command is cli.run_eval_command
 
 
 def test_parser_defaults():

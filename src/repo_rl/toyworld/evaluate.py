@@ -1,11 +1,17 @@
-"""Greedy-decoding accuracy of a toy-world model."""
+"""Greedy-decoding accuracy of a toy-world model, through the shared evaluation path.
+
+Completions come from the generation engine of training and ``repo-rl eval``
+(:func:`repo_rl.rollout.make_generator`, greedy :class:`~repo_rl.rollout.SamplingParams`; the
+``hf`` engine matches ``model.generate(do_sample=False)`` token for token), and accuracy is the
+shared metric of :mod:`repo_rl.evaluation.metrics`: with one greedy sample per row it is avg@1
+(= pass@1), the fraction of rows whose ``toy_reward`` is correct.
+"""
 
 from __future__ import annotations
 
 from typing import Sequence
 
-import torch
-
+from ..evaluation.metrics import aggregate
 from .world import REPHRASE_TEMPLATE, ToyWorldConfig, generate_rows, toy_reward
 
 #: Seeds of the evaluation rows drawn by :func:`evaluate_splits` (apart from the train seeds
@@ -19,42 +25,30 @@ def _max_new_tokens(rows: Sequence[dict]) -> int:
     return 9 * n + 8
 
 
-@torch.no_grad()
 def generate_greedy(model, tokenizer, prompts: Sequence[str], batch_size: int = 128,
                     max_new_tokens: int = 48) -> list[str]:
-    """Greedy completions (decoded with ``skip_special_tokens=True``), left-padded batches."""
-    was_training = model.training
-    model.eval()
-    old_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    outs: list[str] = []
-    try:
-        for i in range(0, len(prompts), batch_size):
-            chunk = list(prompts[i:i + batch_size])
-            enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
-            enc = {k: v.to(model.device) for k, v in enc.items()}
-            gen = model.generate(
-                **enc, do_sample=False, max_new_tokens=max_new_tokens, use_cache=True,
-                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-            )
-            new = gen[:, enc["input_ids"].shape[1]:]
-            outs.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
-    finally:
-        tokenizer.padding_side = old_side
-        if was_training:
-            model.train()
-    return outs
+    """Greedy completions (decoded with ``skip_special_tokens=True``), ``batch_size`` rows per forward."""
+    from ..rollout import SamplingParams, make_generator  # lazy: rollout imports torch
+
+    if not prompts:
+        return []
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    engine = make_generator(model, [tokenizer.eos_token_id], pad, batch_size=batch_size)
+    ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    comps = engine.generate(ids, SamplingParams(max_new_tokens, temperature=0.0), [0] * len(ids))
+    return tokenizer.batch_decode(comps, skip_special_tokens=True)
 
 
 def accuracy(model, tokenizer, rows: Sequence[dict], batch_size: int = 128,
              prompt_key: str = "prompt") -> float:
-    """Fraction of rows whose greedy completion of ``row[prompt_key]`` gets ``toy_reward`` 1."""
+    """Fraction of rows whose greedy completion of ``row[prompt_key]`` gets ``toy_reward`` 1
+    (avg@1 of :func:`repo_rl.evaluation.metrics.aggregate`, one sample per row)."""
     if not rows:
         raise ValueError("accuracy: no rows")
     prompts = [r[prompt_key] for r in rows]
     comps = generate_greedy(model, tokenizer, prompts, batch_size, _max_new_tokens(rows))
     rewards = toy_reward(prompts, comps, [r["answer"] for r in rows])
-    return sum(rewards) / len(rewards)
+    return aggregate([[r] for r in rewards], ks=[1])["avg@k"]
 
 
 def rephrase_rows(rows: Sequence[dict]) -> list[dict]:
