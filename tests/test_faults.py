@@ -77,6 +77,7 @@ if _SPEC:
     import repo_rl.checkpoint as _ck
     import repo_rl.rollout as _ro
     import repo_rl.tracking as _tk
+    import repo_rl.run_state as _rs
     import repo_rl.trainer as _tr
     import repo_rl.update as _up
 
@@ -145,7 +146,7 @@ if _SPEC:
             return out
 
         _ck.save_checkpoint = _patched_save
-        _tr.save_checkpoint = _patched_save
+        _rs.save_checkpoint = _patched_save
         _sub = _POINT.partition(":")[2]
         if _sub == "optimizer_torn":
             _tsave = torch.save

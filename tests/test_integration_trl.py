@@ -261,13 +261,15 @@ def test_chat_prompts_rephrased_and_trained_under_q(chat_trainer, monkeypatch):
     trainer.model.train()
     prompts = [p for p in ds["prompt"][:3] for _ in range(4)]
     n_calls = []
-    original_generate = repo_trl.HFGenerator.generate
+    import repo_rl.rollout
 
-    def counting_generate(self, rows, params, seeds):
+    original_generate = repo_rl.rollout.HFGenerator.generate
+
+    def counting_generate(self, rows, params, seeds, logprobs=False):
         n_calls.append(len(rows))
-        return original_generate(self, rows, params, seeds)
+        return original_generate(self, rows, params, seeds, logprobs=logprobs)
 
-    monkeypatch.setattr(repo_trl.HFGenerator, "generate", counting_generate)
+    monkeypatch.setattr(repo_rl.rollout.HFGenerator, "generate", counting_generate)
     out = rollout(prompts, trainer)
     assert n_calls == [12, 3 * 2]  # rollouts, then all gated groups' rephrases in ONE call
     assert set(out) == {"prompt_ids", "completion_ids", "logprobs", "origin"}
