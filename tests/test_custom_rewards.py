@@ -159,9 +159,11 @@ def test_sys_exit_or_a_dying_process_inside_the_call_is_an_error_not_the_end(mak
     mod = make_module(RAISES)
     s = scorers([f"{mod}:exits", f"{mod}:dies"])
     r, m = score(s, ["exit", "5"])
-    assert same(r, [math.nan, 2.0]) and m["rewards/verifier_errors"] == 1  # both functions gave 1.0 to item 1
-    r, m = score(s, ["die", "5"])  # the worker process dies: the call's items are errors
-    assert same(r, [math.nan, math.nan]) and m["rewards/verifier_errors"] == 2
+    # Item 0: `exits` errored (None, counted), `dies` gave 1.0, and a None leaves only its own term
+    # out (TRL's nansum); item 1: both functions gave 1.0.
+    assert same(r, [1.0, 2.0]) and m["rewards/verifier_errors"] == 1
+    r, m = score(s, ["die", "5"])  # the worker process dies: that function's items are errors
+    assert same(r, [1.0, 1.0]) and m["rewards/verifier_errors"] == 2  # `exits` scored both
     r, _ = score(s, ["5", "5"])  # a new worker takes over
     assert r == [2.0, 2.0]
 

@@ -36,8 +36,9 @@ def _is_builtin(fn: Any) -> bool:
 class RewardScorer:
     """Calls the configured reward functions with TRL's signature and combines them.
 
-    ``None`` from a function (verifier error or timeout) makes the combined reward NaN: the
-    sample is then left out of the loss and the group statistics, and counted.
+    ``None`` from a function (also a verifier error or timeout) leaves only that function's term
+    out of the weighted sum, as TRL does (:func:`~.combine.combine_rewards`); a completion that no
+    function scored is NaN: it is left out of the loss and the group statistics, and counted.
 
     What happens when a function misbehaves (user functions are wrapped in
     :class:`~.guard.GuardedReward`; see :mod:`.guard` for the details):
