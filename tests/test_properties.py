@@ -14,11 +14,12 @@ import math
 import tempfile
 from pathlib import Path
 
+import yaml
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from repo_rl.checkpoint import STATE_FILE, list_checkpoints
-from repo_rl.config import ConfigError, FieldsConfig, build_config, load_yaml
+from repo_rl.config import Config, ConfigError, FieldsConfig, build_config, load_yaml, parse_override
 from repo_rl.data import DataError, load_examples
 from repo_rl.tracking import JsonlWriter, truncate_jsonl
 
@@ -40,6 +41,44 @@ def _one_line_naming(err: Exception, *names: str) -> None:
         assert n in msg, (n, msg)
 
 
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _stored(key: str, v):
+    """The value the config must hold for leaf ``key`` given the parsed YAML value ``v``, for the
+    keys the tests below draw; the coercions are the documented ones (integral float -> int,
+    number or numeric string -> float, number -> str, one string -> one-element list[str])."""
+    if key in ("seed", "max_steps"):  # int
+        assert _number(v) and float(v).is_integer(), f"{key}: accepted non-integer {v!r}"
+        return int(v)
+    if key in ("rho", "learning_rate"):  # float
+        assert _number(v) or isinstance(v, str), f"{key}: accepted non-number {v!r}"
+        return float(v)
+    if key in ("train_files", "funcs"):  # str | list[str], list[str]
+        def one(x):
+            assert isinstance(x, str) or _number(x), f"{key}: accepted non-string {x!r}"
+            return x if isinstance(x, str) else str(x)
+        if isinstance(v, list):
+            return [one(x) for x in v]
+        return [one(v)] if key == "funcs" else one(v)
+    raise KeyError(key)
+
+
+def _assert_built_as_given(cfg: Config, values: dict) -> None:
+    """``cfg`` is the default config with exactly ``values`` ({section: {key: parsed value}})
+    set, each coerced to its field type; and it survives a round trip through its YAML."""
+    want = Config().to_dict()
+    for section, sub in values.items():
+        for key, v in sub.items():
+            want[section][key] = _stored(key, v)
+            got = getattr(getattr(cfg, section), key)
+            assert type(got) is type(want[section][key]), (section, key, got, v)
+    assert cfg.to_dict() == want
+    again = build_config(yaml.safe_load(cfg.to_yaml()))
+    assert again.to_dict() == cfg.to_dict()
+
+
 @SETTINGS
 @given(section=st.sampled_from(["train", "repo", "algorithm", "data", "nosuch"]),
        key=st.sampled_from(["seed", "rho", "max_steps", "learning_rate", "train_files", "x"]), value=VALUE)
@@ -49,6 +88,12 @@ def _one_line_naming(err: Exception, *names: str) -> None:
 @example(section="train", key="seed", value="!!timestamp abc")
 @example(section="train", key="seed", value="!!bool abc")
 @example(section="train", key="seed", value="!!int")
+# files that build: the success path must hold the value given
+@example(section="train", key="seed", value="3.0")  # integral float -> int 3
+@example(section="train", key="learning_rate", value="1e-6")  # YAML 1.1 string "1e-6" -> float
+@example(section="repo", key="rho", value="!!float 1")
+@example(section="data", key="train_files", value="[a, 1]")  # -> ["a", "1"]
+@example(section="data", key="train_files", value="abc")
 def test_config_files_load_or_raise_config_error(section, key, value):
     with tempfile.TemporaryDirectory() as d:
         p = Path(d) / "c.yaml"
@@ -60,9 +105,13 @@ def test_config_files_load_or_raise_config_error(section, key, value):
             return
         assert isinstance(data, dict)
         try:
-            build_config(data)
+            cfg = build_config(data)
         except ConfigError as e:
             _one_line_naming(e)
+            return
+        # only mappings of known keys build (a scalar section or an unknown key is an error)
+        assert all(isinstance(sub, dict) for sub in data.values()), data
+        _assert_built_as_given(cfg, data)
 
 
 @SETTINGS
@@ -73,11 +122,22 @@ def test_config_files_load_or_raise_config_error(section, key, value):
 @example(key="train.seed", value="!!int abc")
 @example(key="train.seed", value="!!bool abc")
 @example(key="train.seed", value="!!int")
+# overrides that build: the success path must hold the value given
+@example(key="train.seed", value="7.0")  # -> int 7
+@example(key="train.learning_rate", value="1e-6")  # Python literal -> float
+@example(key="repo.rho", value="1")  # -> 1.0
+@example(key="data.train_files", value="[a, 1]")  # -> ["a", "1"]
+@example(key="reward.funcs", value="abc")  # one string -> ["abc"]
 def test_overrides_build_or_raise_config_error(key, value):
     try:
-        build_config(overrides=[f"{key}={value}"])
+        cfg = build_config(overrides=[f"{key}={value}"])
     except ConfigError as e:
         _one_line_naming(e, key)
+        return
+    # the value as the override parser reads it (YAML; text YAML cannot read stays text; Python
+    # numeric literals such as 1e-6 as numbers), stored at that key and nowhere else
+    (section, leaf), parsed = parse_override(f"{key}={value}")
+    _assert_built_as_given(cfg, {section: {leaf: parsed}})
 
 
 # Data lines: raw bytes, and JSON text with escapes that decode to unencodable strings.
