@@ -7,14 +7,16 @@ same (``num_generations``, ``max_completion_length``, ``temperature``, ``beta``,
 
 Validation errors raise :class:`ConfigError` with a one-line message that names the key
 and says what is expected; the CLI turns it into exit code 2.
+
+This module holds the schema and the entry points (:func:`load_config`, :func:`build_config`);
+:mod:`repo_rl.config_parse` reads YAML and overrides and coerces values, and
+:mod:`repo_rl.config_checks` checks ranges and combinations.
 """
 
 from __future__ import annotations
 
 import ast
 import dataclasses
-import difflib
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,12 +24,9 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-from .malloc import MAX_KB as MMAP_MAX_KB
-from . import safe_yaml
-
-
-class ConfigError(ValueError):
-    """A configuration value or combination is invalid. The message names the key."""
+from .config_checks import validate
+from .config_parse import _build, _merge, _type_name, load_yaml, parse_override
+from .errors import ConfigError
 
 
 # --------------------------------------------------------------------------------------
@@ -360,196 +359,6 @@ class Config:
         return a.epsilon if a.epsilon_high is None else a.epsilon_high
 
 
-# --------------------------------------------------------------------------------------
-# Building a Config from nested dicts, with precise errors
-# --------------------------------------------------------------------------------------
-
-
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return " | ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if origin is list:
-        (inner,) = typing.get_args(tp) or (Any,)
-        return f"a list of {_type_name(inner)}"
-    if tp is type(None):
-        return "null"
-    if dataclasses.is_dataclass(tp):
-        return "a mapping"
-    return getattr(tp, "__name__", str(tp))
-
-
-_NO = object()
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Return ``value`` converted to ``tp`` or raise ConfigError naming ``key``."""
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return value
-    if origin in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        # Try the non-list options first so "a" stays a str for Union[str, list[str]].
-        for a in sorted(args, key=lambda a: typing.get_origin(a) is list):
-            if a is type(None):
-                continue
-            try:
-                return _coerce(value, a, key)
-            except ConfigError as e:
-                errors.append(e)
-        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
-    if origin is Literal:
-        choices = typing.get_args(tp)
-        if value in choices:
-            return value
-        close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ConfigError(f"{key}: expected one of {_type_name(tp)}, got {value!r}{hint}")
-    if origin is list:
-        (inner,) = typing.get_args(tp)
-        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
-            if isinstance(value, str) and inner is str:
-                return [value]
-            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
-        return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} keys, got {value!r}")
-        return _build(tp, value, prefix=key + ".")
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise ConfigError(f"{key}: expected a string, got {value!r}")
-    raise ConfigError(f"{key}: unsupported type {tp!r}")
-
-
-def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for k, v in values.items():
-        if not isinstance(k, str) or k not in names:
-            close = difflib.get_close_matches(str(k), names, n=3, cutoff=0.6)
-            hint = f"; did you mean {', '.join(prefix + c for c in close)}?" if close else ""
-            raise ConfigError(
-                f"unknown key {prefix}{k}{hint} (valid keys under {prefix[:-1] or 'the top level'}: "
-                f"{', '.join(names)})"
-            )
-        kwargs[k] = _coerce(v, hints[k], prefix + k)
-    return cls(**kwargs)
-
-
-def _merge(base: dict, update: dict, prefix: str = "") -> dict:
-    out = dict(base)
-    for k, v in update.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v, f"{prefix}{k}.")
-        elif isinstance(v, dict) and out.get(k) is not None:
-            # e.g. "train: 3" in the file and train.max_steps=5 on the command line
-            raise ConfigError(f"{prefix}{k}: expected a mapping, got {out[k]!r}")
-        else:
-            out[k] = v
-    return out
-
-
-def parse_override(item: str) -> tuple[list[str], Any]:
-    """Parse ``a.b.c=value``; the value is read as YAML (``1e-6``, ``true``, ``[a, b]``)."""
-    if "=" not in item:
-        raise ConfigError(f"override {item!r}: expected key.sub=value")
-    key, raw = item.split("=", 1)
-    key = key.strip()
-    if not key or any(not p for p in key.split(".")):
-        raise ConfigError(f"override {item!r}: expected key.sub=value")
-    try:
-        value = safe_yaml.safe_load(raw) if raw.strip() else ""
-    except Exception:  # noqa: BLE001
-        # Besides YAMLError, PyYAML's tag constructors raise ValueError, TypeError, KeyError,
-        # IndexError, AttributeError (!!float abc, !!bool abc, !!int, !!timestamp abc) and deep
-        # nesting raises RecursionError: keep the text, _coerce then names the key.
-        value = raw
-    # YAML reads "1e-6" as a string; accept numeric literals Python understands.
-    if isinstance(value, str):
-        try:
-            lit = ast.literal_eval(raw)
-            if isinstance(lit, (int, float)) and not isinstance(lit, bool):
-                value = lit
-        except Exception:  # literal_eval raises several types on arbitrary text
-            pass
-    return key.split("."), value
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that refuses a key given twice in one mapping (YAML says keys are unique;
-    PyYAML would silently keep the last value)."""
-
-    def construct_mapping(self, node, deep=False):
-        seen = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            try:
-                dup = key in seen
-                seen.add(key)
-            except TypeError:  # unhashable key: let SafeLoader report it
-                continue
-            if dup:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r}", key_node.start_mark
-                )
-        return super().construct_mapping(node, deep=deep)
-
-
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file {p}: not found")
-    try:
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"config file {p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    try:
-        data = safe_yaml.load(text, _UniqueKeyLoader)  # duplicate keys and alias bombs stop here
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ConfigError(f"config file {p}:{where}: invalid YAML ({problem})") from None
-    except RecursionError:
-        raise ConfigError(f"config file {p}: invalid YAML (nested too deeply)") from None
-    except Exception as e:  # noqa: BLE001 - tag constructors: !!float abc, !!bool abc, !!int, !!timestamp 2026-13-45
-        raise ConfigError(f"config file {p}: invalid YAML ({type(e).__name__}: {str(e)[:120]})") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {p}: expected a mapping of sections at the top level")
-    return data
-
-
 def build_config(
     base: dict[str, Any] | None = None, overrides: list[str] | None = None
 ) -> Config:
@@ -569,123 +378,6 @@ def build_config(
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     base = load_yaml(path) if path else {}
     return build_config(base, overrides)
-
-
-def validate(cfg: Config) -> None:
-    """Check ranges and combinations. Raises ConfigError naming the key."""
-    from .algorithms.methods import METHODS  # local import: registry depends on nothing here
-
-    a, r, t = cfg.algorithm, cfg.repo, cfg.train
-    if a.method not in METHODS:
-        close = difflib.get_close_matches(a.method, list(METHODS), n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ConfigError(
-            f"algorithm.method: unknown method {a.method!r}{hint}; expected one of {', '.join(METHODS)}"
-        )
-
-    def check(cond: bool, key: str, expected: str, value: Any) -> None:
-        if not cond:
-            raise ConfigError(f"{key}: expected {expected}, got {value!r}")
-
-    lo = cfg.model.lora
-    check(lo.r >= 0, "model.lora.r", "an integer >= 0 (0: off)", lo.r)
-    check(lo.alpha > 0, "model.lora.alpha", "an integer > 0", lo.alpha)
-    check(0 <= lo.dropout < 1, "model.lora.dropout", "a number in [0, 1)", lo.dropout)
-    check(a.num_generations >= 2, "algorithm.num_generations", "an integer >= 2 (group-relative advantages need a group)", a.num_generations)
-    check(a.max_completion_length >= 1, "algorithm.max_completion_length", "a positive integer", a.max_completion_length)
-    check(a.temperature >= 0, "algorithm.temperature", "a number >= 0", a.temperature)
-    check(0 < a.top_p <= 1, "algorithm.top_p", "a number in (0, 1]", a.top_p)
-    check(a.top_k >= 0, "algorithm.top_k", "an integer >= 0", a.top_k)
-    check(a.beta >= 0, "algorithm.beta", "a number >= 0", a.beta)
-    check(0 <= a.epsilon < 1, "algorithm.epsilon", "a number in [0, 1)", a.epsilon)
-    if a.epsilon_high is not None:
-        check(a.epsilon_high >= 0, "algorithm.epsilon_high", "a number >= 0", a.epsilon_high)
-    check(a.num_iterations >= 1, "algorithm.num_iterations", "an integer >= 1", a.num_iterations)
-    if a.clip_ratio_c is not None:
-        check(a.clip_ratio_c > 1, "algorithm.clip_ratio_c", "a number > 1 (or null: off)", a.clip_ratio_c)
-    check(a.log_ratio_bound > 0, "algorithm.log_ratio_bound", "a number > 0", a.log_ratio_bound)
-
-    check(0 <= r.delta <= 1, "repo.delta", "a number in [0, 1] (rewards lie in [0, 1])", r.delta)
-    check(0 <= r.rho <= 1, "repo.rho", "a number in [0, 1]", r.rho)
-    check(r.num_replace >= 1, "repo.num_replace", "an integer >= 1", r.num_replace)
-    check(
-        r.num_replace < a.num_generations,
-        "repo.num_replace",
-        f"fewer than algorithm.num_generations ({a.num_generations}) so the group keeps an on-policy rollout",
-        r.num_replace,
-    )
-    check(r.num_attempts >= 1, "repo.num_attempts", "an integer >= 1", r.num_attempts)
-    if r.temperature is not None:
-        check(r.temperature >= 0, "repo.temperature", "a number >= 0", r.temperature)
-    if r.top_p is not None:
-        check(0 < r.top_p <= 1, "repo.top_p", "a number in (0, 1]", r.top_p)
-    if r.max_new_tokens is not None:
-        check(r.max_new_tokens >= 1, "repo.max_new_tokens", "a positive integer", r.max_new_tokens)
-    for name in ("{question}", "{solution}"):
-        check(name in r.rephrase_template, "repo.rephrase_template", f"a format string containing {name}", r.rephrase_template[:40] + "...")
-    try:
-        r.rephrase_template.format(question="q", solution="s")
-    except (KeyError, IndexError, ValueError) as e:
-        raise ConfigError(
-            f"repo.rephrase_template: expected a format string with only {{question}} and {{solution}} "
-            f"(escape literal braces as {{{{ }}}}), failed with {e!r}"
-        ) from None
-    import re
-
-    for i, pat in enumerate(r.strip_patterns):
-        try:
-            re.compile(pat)
-        except re.error as e:
-            raise ConfigError(f"repo.strip_patterns[{i}]: invalid regular expression ({e})") from None
-
-    check(cfg.baselines.luffy_gamma > 0, "baselines.luffy_gamma", "a number > 0", cfg.baselines.luffy_gamma)
-    if cfg.baselines.sft_steps is not None:
-        check(0 <= cfg.baselines.sft_steps <= t.max_steps, "baselines.sft_steps", f"an integer in [0, train.max_steps={t.max_steps}]", cfg.baselines.sft_steps)
-    from .rollout import GENERATORS
-
-    if cfg.generation.backend not in GENERATORS:
-        raise ConfigError(f"generation.backend: unknown engine {cfg.generation.backend!r}; expected one of {', '.join(sorted(GENERATORS))}")
-    check(cfg.reward.max_unscored_steps >= 1, "reward.max_unscored_steps", "an integer >= 1", cfg.reward.max_unscored_steps)
-    check(len(cfg.reward.funcs) >= 1, "reward.funcs", "at least one reward function", cfg.reward.funcs)
-    if cfg.reward.weights is not None:
-        check(
-            len(cfg.reward.weights) == len(cfg.reward.funcs),
-            "reward.weights",
-            f"{len(cfg.reward.funcs)} weights (one per reward.funcs entry)",
-            cfg.reward.weights,
-        )
-    check(0 < cfg.reward.timeout < float("inf"), "reward.timeout", "a finite number of seconds > 0", cfg.reward.timeout)
-
-    check(t.max_steps >= 1, "train.max_steps", "an integer >= 1", t.max_steps)
-    check(t.prompts_per_step >= 1, "train.prompts_per_step", "an integer >= 1", t.prompts_per_step)
-    check(0 < t.learning_rate < float("inf"), "train.learning_rate", "a finite number > 0", t.learning_rate)
-    check(0 <= t.weight_decay < float("inf"), "train.weight_decay", "a finite number >= 0", t.weight_decay)
-    check(0 <= t.adam_beta1 < 1, "train.adam_beta1", "a number in [0, 1)", t.adam_beta1)
-    check(0 <= t.adam_beta2 < 1, "train.adam_beta2", "a number in [0, 1)", t.adam_beta2)
-    check(t.micro_batch_size >= 1, "train.micro_batch_size", "an integer >= 1", t.micro_batch_size)
-    check(t.max_grad_norm >= 0, "train.max_grad_norm", "a number >= 0", t.max_grad_norm)
-    check(t.warmup_steps >= 0, "train.warmup_steps", "an integer >= 0", t.warmup_steps)
-    check(t.save_every >= 0, "train.save_every", "an integer >= 0", t.save_every)
-    if t.save_total_limit is not None:
-        check(t.save_total_limit >= 1, "train.save_total_limit", "an integer >= 1 or null", t.save_total_limit)
-    if t.logprob_chunk_size is not None:
-        check(t.logprob_chunk_size >= 1, "train.logprob_chunk_size", "a positive integer or null", t.logprob_chunk_size)
-    check(t.max_bad_steps >= 1, "train.max_bad_steps", "an integer >= 1", t.max_bad_steps)
-    check(0 <= t.mmap_threshold_kb <= MMAP_MAX_KB, "train.mmap_threshold_kb", f"an integer in [0, {MMAP_MAX_KB}]", t.mmap_threshold_kb)
-    check(0 <= t.seed < 2**63, "train.seed", "an integer in [0, 2**63)", t.seed)
-    if cfg.data.max_prompt_length is not None:
-        check(cfg.data.max_prompt_length >= 1, "data.max_prompt_length", "a positive integer or null", cfg.data.max_prompt_length)
-    if t.threads is not None:
-        check(t.threads >= 1, "train.threads", "an integer >= 1", t.threads)
-    check(t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:"), "train.device", "auto, cpu, cuda or cuda:N", t.device)
-    check(cfg.eval.every >= 0, "eval.every", "an integer >= 0", cfg.eval.every)
-    check(cfg.eval.n >= 1, "eval.n", "an integer >= 1", cfg.eval.n)
-    if cfg.eval.max_items is not None:
-        check(cfg.eval.max_items >= 1, "eval.max_items", "an integer >= 1 or null", cfg.eval.max_items)
-    if cfg.eval.every > 0 and not cfg.data.eval_files:
-        raise ConfigError("eval.every: periodic evaluation needs data.eval_files")
-    if isinstance(cfg.data.train_files, list) and not cfg.data.train_files:
-        raise ConfigError("data.train_files: expected at least one file")
 
 
 def field_docs(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str, str]]:

@@ -7,3 +7,9 @@ class UserError(Exception):
 
 class TrainingError(RuntimeError):
     """Training cannot go on (e.g. too many consecutive non-finite steps)."""
+
+
+class ConfigError(ValueError):
+    """A configuration value or combination is invalid. The message names the key.
+
+    Re-exported by :mod:`repo_rl.config`; the CLI turns it into exit code 2."""

@@ -1,0 +1,129 @@
+"""Range and combination checks of a built :class:`~repo_rl.config.Config`."""
+
+from __future__ import annotations
+
+import difflib
+from typing import TYPE_CHECKING, Any
+
+from .errors import ConfigError
+from .malloc import MAX_KB as MMAP_MAX_KB
+
+if TYPE_CHECKING:
+    from .config import Config
+
+
+def validate(cfg: Config) -> None:
+    """Check ranges and combinations. Raises ConfigError naming the key."""
+    from .algorithms.methods import METHODS  # local import: registry depends on nothing here
+
+    a, r, t = cfg.algorithm, cfg.repo, cfg.train
+    if a.method not in METHODS:
+        close = difflib.get_close_matches(a.method, list(METHODS), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(
+            f"algorithm.method: unknown method {a.method!r}{hint}; expected one of {', '.join(METHODS)}"
+        )
+
+    def check(cond: bool, key: str, expected: str, value: Any) -> None:
+        if not cond:
+            raise ConfigError(f"{key}: expected {expected}, got {value!r}")
+
+    lo = cfg.model.lora
+    check(lo.r >= 0, "model.lora.r", "an integer >= 0 (0: off)", lo.r)
+    check(lo.alpha > 0, "model.lora.alpha", "an integer > 0", lo.alpha)
+    check(0 <= lo.dropout < 1, "model.lora.dropout", "a number in [0, 1)", lo.dropout)
+    check(a.num_generations >= 2, "algorithm.num_generations", "an integer >= 2 (group-relative advantages need a group)", a.num_generations)
+    check(a.max_completion_length >= 1, "algorithm.max_completion_length", "a positive integer", a.max_completion_length)
+    check(a.temperature >= 0, "algorithm.temperature", "a number >= 0", a.temperature)
+    check(0 < a.top_p <= 1, "algorithm.top_p", "a number in (0, 1]", a.top_p)
+    check(a.top_k >= 0, "algorithm.top_k", "an integer >= 0", a.top_k)
+    check(a.beta >= 0, "algorithm.beta", "a number >= 0", a.beta)
+    check(0 <= a.epsilon < 1, "algorithm.epsilon", "a number in [0, 1)", a.epsilon)
+    if a.epsilon_high is not None:
+        check(a.epsilon_high >= 0, "algorithm.epsilon_high", "a number >= 0", a.epsilon_high)
+    check(a.num_iterations >= 1, "algorithm.num_iterations", "an integer >= 1", a.num_iterations)
+    if a.clip_ratio_c is not None:
+        check(a.clip_ratio_c > 1, "algorithm.clip_ratio_c", "a number > 1 (or null: off)", a.clip_ratio_c)
+    check(a.log_ratio_bound > 0, "algorithm.log_ratio_bound", "a number > 0", a.log_ratio_bound)
+
+    check(0 <= r.delta <= 1, "repo.delta", "a number in [0, 1] (rewards lie in [0, 1])", r.delta)
+    check(0 <= r.rho <= 1, "repo.rho", "a number in [0, 1]", r.rho)
+    check(r.num_replace >= 1, "repo.num_replace", "an integer >= 1", r.num_replace)
+    check(
+        r.num_replace < a.num_generations,
+        "repo.num_replace",
+        f"fewer than algorithm.num_generations ({a.num_generations}) so the group keeps an on-policy rollout",
+        r.num_replace,
+    )
+    check(r.num_attempts >= 1, "repo.num_attempts", "an integer >= 1", r.num_attempts)
+    if r.temperature is not None:
+        check(r.temperature >= 0, "repo.temperature", "a number >= 0", r.temperature)
+    if r.top_p is not None:
+        check(0 < r.top_p <= 1, "repo.top_p", "a number in (0, 1]", r.top_p)
+    if r.max_new_tokens is not None:
+        check(r.max_new_tokens >= 1, "repo.max_new_tokens", "a positive integer", r.max_new_tokens)
+    for name in ("{question}", "{solution}"):
+        check(name in r.rephrase_template, "repo.rephrase_template", f"a format string containing {name}", r.rephrase_template[:40] + "...")
+    try:
+        r.rephrase_template.format(question="q", solution="s")
+    except (KeyError, IndexError, ValueError) as e:
+        raise ConfigError(
+            f"repo.rephrase_template: expected a format string with only {{question}} and {{solution}} "
+            f"(escape literal braces as {{{{ }}}}), failed with {e!r}"
+        ) from None
+    import re
+
+    for i, pat in enumerate(r.strip_patterns):
+        try:
+            re.compile(pat)
+        except re.error as e:
+            raise ConfigError(f"repo.strip_patterns[{i}]: invalid regular expression ({e})") from None
+
+    check(cfg.baselines.luffy_gamma > 0, "baselines.luffy_gamma", "a number > 0", cfg.baselines.luffy_gamma)
+    if cfg.baselines.sft_steps is not None:
+        check(0 <= cfg.baselines.sft_steps <= t.max_steps, "baselines.sft_steps", f"an integer in [0, train.max_steps={t.max_steps}]", cfg.baselines.sft_steps)
+    from .rollout import GENERATORS
+
+    if cfg.generation.backend not in GENERATORS:
+        raise ConfigError(f"generation.backend: unknown engine {cfg.generation.backend!r}; expected one of {', '.join(sorted(GENERATORS))}")
+    check(cfg.reward.max_unscored_steps >= 1, "reward.max_unscored_steps", "an integer >= 1", cfg.reward.max_unscored_steps)
+    check(len(cfg.reward.funcs) >= 1, "reward.funcs", "at least one reward function", cfg.reward.funcs)
+    if cfg.reward.weights is not None:
+        check(
+            len(cfg.reward.weights) == len(cfg.reward.funcs),
+            "reward.weights",
+            f"{len(cfg.reward.funcs)} weights (one per reward.funcs entry)",
+            cfg.reward.weights,
+        )
+    check(0 < cfg.reward.timeout < float("inf"), "reward.timeout", "a finite number of seconds > 0", cfg.reward.timeout)
+
+    check(t.max_steps >= 1, "train.max_steps", "an integer >= 1", t.max_steps)
+    check(t.prompts_per_step >= 1, "train.prompts_per_step", "an integer >= 1", t.prompts_per_step)
+    check(0 < t.learning_rate < float("inf"), "train.learning_rate", "a finite number > 0", t.learning_rate)
+    check(0 <= t.weight_decay < float("inf"), "train.weight_decay", "a finite number >= 0", t.weight_decay)
+    check(0 <= t.adam_beta1 < 1, "train.adam_beta1", "a number in [0, 1)", t.adam_beta1)
+    check(0 <= t.adam_beta2 < 1, "train.adam_beta2", "a number in [0, 1)", t.adam_beta2)
+    check(t.micro_batch_size >= 1, "train.micro_batch_size", "an integer >= 1", t.micro_batch_size)
+    check(t.max_grad_norm >= 0, "train.max_grad_norm", "a number >= 0", t.max_grad_norm)
+    check(t.warmup_steps >= 0, "train.warmup_steps", "an integer >= 0", t.warmup_steps)
+    check(t.save_every >= 0, "train.save_every", "an integer >= 0", t.save_every)
+    if t.save_total_limit is not None:
+        check(t.save_total_limit >= 1, "train.save_total_limit", "an integer >= 1 or null", t.save_total_limit)
+    if t.logprob_chunk_size is not None:
+        check(t.logprob_chunk_size >= 1, "train.logprob_chunk_size", "a positive integer or null", t.logprob_chunk_size)
+    check(t.max_bad_steps >= 1, "train.max_bad_steps", "an integer >= 1", t.max_bad_steps)
+    check(0 <= t.mmap_threshold_kb <= MMAP_MAX_KB, "train.mmap_threshold_kb", f"an integer in [0, {MMAP_MAX_KB}]", t.mmap_threshold_kb)
+    check(0 <= t.seed < 2**63, "train.seed", "an integer in [0, 2**63)", t.seed)
+    if cfg.data.max_prompt_length is not None:
+        check(cfg.data.max_prompt_length >= 1, "data.max_prompt_length", "a positive integer or null", cfg.data.max_prompt_length)
+    if t.threads is not None:
+        check(t.threads >= 1, "train.threads", "an integer >= 1", t.threads)
+    check(t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:"), "train.device", "auto, cpu, cuda or cuda:N", t.device)
+    check(cfg.eval.every >= 0, "eval.every", "an integer >= 0", cfg.eval.every)
+    check(cfg.eval.n >= 1, "eval.n", "an integer >= 1", cfg.eval.n)
+    if cfg.eval.max_items is not None:
+        check(cfg.eval.max_items >= 1, "eval.max_items", "an integer >= 1 or null", cfg.eval.max_items)
+    if cfg.eval.every > 0 and not cfg.data.eval_files:
+        raise ConfigError("eval.every: periodic evaluation needs data.eval_files")
+    if isinstance(cfg.data.train_files, list) and not cfg.data.train_files:
+        raise ConfigError("data.train_files: expected at least one file")
