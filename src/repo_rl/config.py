@@ -318,7 +318,32 @@ class ToyWorldSettings:
 class GenerationConfig:
     backend: str = "hf"
     """Inference engine of rollouts, rephrases and evaluation: ``hf`` (the built-in KV-cached
-    sampler over the training model)."""
+    sampler over the training model) or ``vllm`` (a colocated vLLM engine, weights synced after
+    every optimizer step; needs the vLLM environment, see the README)."""
+    vllm_mode: Literal["colocate", "server"] = "colocate"
+    """TRL's name. ``colocate``: the engine runs beside the trainer on the same machine (the only
+    mode so far; ``server`` is refused)."""
+    vllm_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Engine weights dtype; ``auto``: bfloat16 when generation runs under bf16 autocast
+    (``train.bf16`` / ``train.bf16_generation``), else float32."""
+    vllm_kv_cache_gb: float = 2.0
+    """KV cache space of the CPU engine in GiB (vLLM's ``VLLM_CPU_KVCACHE_SPACE``)."""
+    vllm_enforce_eager: bool = True
+    """Skip graph compilation (starts in about 30-50 s on CPU instead of about 130 s)."""
+    vllm_max_model_len: Optional[int] = None
+    """Longest prompt + completion the engine serves; None: the model's context length."""
+    vllm_gpu_memory_utilization: float = 0.3
+    """TRL's name: share of GPU memory the engine may take (GPU only; untested here)."""
+    vllm_enable_sleep_mode: bool = False
+    """TRL's name: offload the engine between generations (GPU only; does nothing on CPU, refused there)."""
+    vllm_tensor_parallel_size: int = 1
+    """TRL's name: GPUs per engine (GPU only; 1 on CPU)."""
+
+    def engine_options(self) -> dict[str, Any]:
+        """Keyword options of the chosen engine for :func:`repo_rl.rollout.make_generator`."""
+        if self.backend != "vllm":
+            return {}
+        return {f.name.removeprefix("vllm_"): getattr(self, f.name) for f in dataclasses.fields(self) if f.name.startswith("vllm_")}
 
 
 @dataclass

@@ -84,6 +84,13 @@ def validate(cfg: Config) -> None:
         check(0 <= cfg.baselines.sft_steps <= t.max_steps, "baselines.sft_steps", f"an integer in [0, train.max_steps={t.max_steps}]", cfg.baselines.sft_steps)
     from .rollout import GENERATORS
 
+    g = cfg.generation
+    check(g.vllm_kv_cache_gb > 0, "generation.vllm_kv_cache_gb", "a number > 0", g.vllm_kv_cache_gb)
+    check(0 < g.vllm_gpu_memory_utilization <= 1, "generation.vllm_gpu_memory_utilization", "a number in (0, 1]", g.vllm_gpu_memory_utilization)
+    check(g.vllm_tensor_parallel_size >= 1, "generation.vllm_tensor_parallel_size", "an integer >= 1", g.vllm_tensor_parallel_size)
+    check(g.vllm_max_model_len is None or g.vllm_max_model_len >= 2, "generation.vllm_max_model_len", "null or an integer >= 2", g.vllm_max_model_len)
+    if g.backend == "vllm" and g.vllm_mode == "server":
+        raise ConfigError("generation.vllm_mode=server: not supported yet; use colocate (the engine runs beside the trainer)")
     if cfg.generation.backend not in GENERATORS:
         raise ConfigError(f"generation.backend: unknown engine {cfg.generation.backend!r}; expected one of {', '.join(sorted(GENERATORS))}")
     check(cfg.reward.max_unscored_steps >= 1, "reward.max_unscored_steps", "an integer >= 1", cfg.reward.max_unscored_steps)

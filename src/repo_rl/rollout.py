@@ -563,4 +563,12 @@ class HFGenerator:
         return idx.clamp(max=logits.shape[-1] - 1)
 
 
+def _vllm_generator(*args: Any, **kwargs: Any) -> Generator:
+    """``generation.backend: vllm`` (:class:`repo_rl.engines.vllm.VLLMGenerator`), imported when built."""
+    from .engines.vllm import VLLMGenerator
+
+    return VLLMGenerator(*args, **kwargs)
+
+
 register_generator("hf", HFGenerator)
+register_generator("vllm", _vllm_generator)

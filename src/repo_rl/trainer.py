@@ -136,8 +136,10 @@ class Trainer:
         self.eos_ids = eos_token_ids(self.model, self.tokenizer)
         self.autocast_dtype = torch.bfloat16 if cfg.train.bf16 else None
         gen_bf16 = cfg.train.bf16 if cfg.train.bf16_generation is None else cfg.train.bf16_generation
+        if cfg.generation.backend == "vllm" and self.dist.world > 1:
+            raise UserError("generation.backend=vllm with several processes: not supported yet (one engine per run); launch one process")
         self.generator = make_generator(self.core, self.eos_ids, self.tokenizer.pad_token_id, cfg.generation.backend,
-                                        autocast_dtype=torch.bfloat16 if gen_bf16 else None)
+                                        autocast_dtype=torch.bfloat16 if gen_bf16 else None, **cfg.generation.engine_options())
         self.ref_model = None
         if cfg.algorithm.beta > 0 and not self.lora:
             self.ref_model = copy.deepcopy(self.model).eval()
@@ -147,6 +149,7 @@ class Trainer:
         self._resume_from = find_resume_checkpoint(self.out, self.dist) if self.resume else None
         if self._resume_from is not None:
             load_weights(self.model, self._resume_from, self.lora)
+            self.generator.sync_weights(self.core)  # an engine with its own copy starts from the checkpoint
         if fsdp is not None:
             fully_shard_model(self.model, fsdp)
             if self.ref_model is not None:
@@ -416,9 +419,10 @@ class Trainer:
             if self.completions_log is not None:
                 self.completions_log.close()
             self.trackers.close()
-            close = getattr(self.scorer, "close", None)  # stops custom rewards' worker processes
-            if callable(close):
-                close()
+            for owner in (self.scorer, self.generator):  # custom rewards' workers, an engine's process
+                close = getattr(owner, "close", None)
+                if callable(close):
+                    close()
         self.dist.close()
         return {"steps": self.step, "last": last}
 
