@@ -12,7 +12,6 @@ from hypothesis import strategies as st
 from repo_rl.config import (
     Config,
     ConfigError,
-    FieldsConfig,
     build_config,
     field_docs,
     load_config,

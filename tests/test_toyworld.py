@@ -6,7 +6,6 @@ import json
 import os
 import random
 import re
-from pathlib import Path
 
 import pytest
 
