@@ -213,20 +213,64 @@ def _origin_reward(prompts, completions, origin, **kwargs):
     return [1.0 if o == "rephrased" else 0.0 for o in origin]
 
 
+ENGINE_SHIFT = -0.125  # the stand-in engine's log-probs differ from the training model's by this much
+
+
+class StandInVLLMGeneration:
+    """Stands in for TRL's ``trainer.vllm_generation`` (same ``generate`` signature and return
+    value, same sampling attributes): it samples with the training model through the HF engine
+    and reports log-probs shifted by ``ENGINE_SHIFT``, as an engine whose numerics differ would."""
+
+    def __init__(self, trainer, mode="colocate", tensor_parallel_size=1):
+        self.trainer, self.mode, self.tensor_parallel_size = trainer, mode, tensor_parallel_size
+        self.temperature, self.top_p, self.top_k = trainer.temperature, trainer.top_p, trainer.top_k
+        self.max_completion_length = trainer.max_completion_length
+        self.calls = []
+
+    def sync_weights(self):
+        pass
+
+    def generate(self, prompts, images, num_generations, profiler=None):
+        from repo_rl.rollout import HFGenerator, SamplingParams
+
+        assert images is None and num_generations == 1
+        self.calls.append({"rows": len(prompts), "temperature": self.temperature, "max_tokens": self.max_completion_length})
+        t = self.trainer
+        gen = HFGenerator(t.model, t.eos_token_ids, t.processing_class.pad_token_id)
+        params = SamplingParams(self.max_completion_length, self.temperature, self.top_p or 1.0, self.top_k or 0)
+        ids, lps = gen.generate(prompts, params, list(range(len(prompts))), logprobs=True)
+        self.calls[-1]["logprobs"] = [[x + ENGINE_SHIFT for x in seq] for seq in lps]
+        return prompts, ids, [[[x] for x in seq] for seq in self.calls[-1]["logprobs"]], None
+
+
 def test_importance_sampling_correction_keeps_injected_ratio_at_one(tiny_model_dir, tmp_path):
     ds = _dataset()
-    rollout = make_repo_rollout_func(ds)
+    rollout = make_repo_rollout_func(ds, rephrase_temperature=0.5)
     wrapped, calls = _recording(rollout)
     trainer = _trainer(tiny_model_dir, tmp_path, ds, wrapped, reward=_origin_reward, per_device_train_batch_size=8, max_steps=2)
-    # TRL applies the sampling-vs-training importance correction only with vLLM; switch that
-    # path on around a no-op weight sync so the ratio TRL computes is the one it would apply.
+    # TRL applies the sampling-vs-training importance correction only with vLLM: switch that path
+    # on with a stand-in for TRL's engine, which the rollout function then generates with.
     trainer.use_vllm = True
     trainer.vllm_importance_sampling_correction = True
-    trainer.vllm_generation = types.SimpleNamespace(sync_weights=lambda: None)
+    trainer.vllm_generation = engine = StandInVLLMGeneration(trainer)
     trainer._last_loaded_step = -1
     seen = _spy(trainer, calls)
-    with pytest.warns(UserWarning, match="not vLLM"):
-        trainer.train()
+    trainer.train()
+    # Rollouts and rephrases went through TRL's engine, each with its own sampling parameters,
+    # and the engine's own settings are back afterwards.
+    assert [c["rows"] for c in engine.calls[:1]] == [8] and len(engine.calls) == 2 * len(calls)
+    assert {c["temperature"] for c in engine.calls} == {trainer.temperature, 0.5}
+    assert engine.temperature == trainer.temperature and engine.max_completion_length == trainer.max_completion_length
+    rollout_calls = [e for e in engine.calls if e["temperature"] == trainer.temperature]
+    assert len(rollout_calls) == len(calls)
+    n_injected = 0
+    for c, e in zip(calls, rollout_calls):  # on-policy rows keep the engine's sampling log-probs
+        for f, lp in enumerate(c["logprobs"]):
+            if f in c["injected"]:  # under q from the training model: checked against TRL's old log-probs below
+                n_injected += 1
+            else:
+                assert lp == e["logprobs"][f]
+    assert n_injected > 0
     rows = 0
     for rec in seen:
         assert rec["is_ratio"] is not None and rec["sampling_logps"] is not None

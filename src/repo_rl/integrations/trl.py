@@ -36,9 +36,15 @@ temperature-scaled, same padding). The importance ratio of an injected sample th
 starts at 1 instead of ~pi(o|q)/pi(o|P(q,k)) ~ 0. Otherwise ``logprobs`` is ``None`` and TRL
 uses its own log-probs under q for every row.
 
-Not covered: generation through vLLM inside the rollout function (with ``use_vllm=True``
-the completions are generated with the training model and a warning says so), reward
-models (``nn.Module`` reward functions), tools / environments, multimodal prompts, and
+Generation: with ``use_vllm=True`` rollouts go through TRL's own vLLM engine
+(``trainer.vllm_generation``, :class:`TRLVLLMEngine`; TRL syncs its weights before each call),
+and so do rephrases when the engine is colocated without tensor parallelism; in server mode or
+with tensor parallelism TRL gathers rows across processes in equal shares, which the uneven
+rephrase batches cannot give, so rephrases are generated with the training model there.
+TRL's engine samples with TRL's seed (the adapter's per-row seeds apply to the transformers
+path only). Without ``use_vllm`` everything is generated with the training model.
+
+Not covered: reward models (``nn.Module`` reward functions), tools / environments, multimodal prompts, and
 groups split across processes (the per-process generation batch must hold whole groups).
 Evaluation batches are generated on-policy only (no rephrasing).
 """
@@ -123,6 +129,56 @@ def _is_chat(prompt: Any) -> bool:
 
 def _noop(*args: Any, **kwargs: Any) -> None:
     return None
+
+
+class TRLVLLMEngine:
+    """TRL's own vLLM engine (``trainer.vllm_generation``, built by ``GRPOTrainer(use_vllm=True)``)
+    behind the :class:`repo_rl.rollout.Generator` protocol.
+
+    TRL keeps its engine's weights in sync before it calls the rollout function, so
+    :meth:`sync_weights` has nothing to do. Sampling uses TRL's engine and TRL's seed: the per-row
+    ``seeds`` are not used. The sampling parameters of each call (temperature, top-p, top-k,
+    completion limit) are set on TRL's generation object for the call and restored after it.
+    """
+
+    PARAMS = ("temperature", "top_p", "top_k", "max_completion_length")
+
+    def __init__(self, vllm_generation: Any) -> None:
+        self.vg = vllm_generation
+
+    @property
+    def per_call_batches(self) -> bool:
+        """True when calls of different sizes on different processes are safe: colocated engines
+        without tensor parallelism (each process generates its own rows). In server mode, or with
+        tensor parallelism, TRL gathers rows across processes and expects equal shares."""
+        return getattr(self.vg, "mode", "colocate") == "colocate" and int(getattr(self.vg, "tensor_parallel_size", 1) or 1) == 1
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams, seeds: Sequence[int], logprobs: bool = False) -> Any:
+        if not prompts:
+            return ([], []) if logprobs else []
+        saved = {k: getattr(self.vg, k, None) for k in self.PARAMS}
+        values = {
+            "temperature": params.temperature,
+            "top_p": params.top_p,
+            "top_k": params.top_k if params.top_k > 0 else saved["top_k"],
+            "max_completion_length": params.max_new_tokens,
+        }
+        try:
+            for k, v in values.items():
+                setattr(self.vg, k, v)
+            _, completion_ids, lps, _ = self.vg.generate(prompts=[list(p) for p in prompts], images=None, num_generations=1)
+        finally:
+            for k, v in saved.items():
+                setattr(self.vg, k, v)
+        ids = [list(c) for c in completion_ids]
+        if not logprobs:
+            return ids
+        # vLLM returns the top-k log-probs of each position; the first is the sampled token's.
+        token_lps = [[float(lp[0]) if isinstance(lp, (list, tuple)) else float(lp) for lp in seq] for seq in lps] if lps is not None else None
+        return ids, token_lps
+
+    def sync_weights(self, model: Any) -> None:
+        """Nothing to do: TRL syncs its engine before every call of the rollout function."""
 
 
 class RepoRolloutFunc:
@@ -223,11 +279,10 @@ class RepoRolloutFunc:
                 "with the former, TRL computes advantages with the latter. Pass reward_funcs=None to use the trainer's.",
                 stacklevel=3,
             )
-        if trainer.use_vllm:
+        if trainer.use_vllm and getattr(trainer, "vllm_generation", None) is None:
             warnings.warn(
-                "use_vllm=True: the RePO rollout function generates with the training model (transformers), not vLLM. "
-                "vLLM generation inside the rollout function is not covered; sampling log-probs under the original "
-                "prompt are returned for TRL's importance-sampling correction.",
+                "use_vllm=True but the trainer has no vLLM engine (trainer.vllm_generation): the RePO rollout function "
+                "generates with the training model (transformers).",
                 stacklevel=3,
             )
         extra = []
@@ -393,6 +448,12 @@ class RepoRolloutFunc:
         else:
             trainer._metrics["train"][name].append(value)
 
+    @staticmethod
+    def _trl_engine(trainer: Any) -> Optional[TRLVLLMEngine]:
+        """TRL's vLLM engine when the trainer has one (``use_vllm=True``), else None (the training model generates)."""
+        vg = getattr(trainer, "vllm_generation", None) if getattr(trainer, "use_vllm", False) else None
+        return TRLVLLMEngine(vg) if vg is not None else None
+
     # ------------------------------------------------------------------ the rollout
     def __call__(self, prompts: list[Any], trainer: Any) -> dict[str, Any]:
         self._check_trainer(trainer)
@@ -441,9 +502,14 @@ class RepoRolloutFunc:
                 gradient_checkpointing_kwargs=trainer.args.gradient_checkpointing_kwargs,
             )
 
-        with generation_model() as model:
-            gen = make_generator(model, trainer.eos_token_ids, pad_id, batch_size=self.generation_batch_size)
-            completion_ids = gen.generate(rows, params, seeds)
+        engine = self._trl_engine(trainer)
+        engine_lps: Optional[list[list[float]]] = None
+        if engine is not None:  # TRL's vLLM engine: rollouts and their sampling log-probs
+            completion_ids, engine_lps = engine.generate(rows, params, seeds, logprobs=True)
+        else:
+            with generation_model() as model:
+                gen = make_generator(model, trainer.eos_token_ids, pad_id, batch_size=self.generation_batch_size)
+                completion_ids = gen.generate(rows, params, seeds)
         origins = [ORIGIN_ON_POLICY] * (N * G)
         last: dict[str, Any] = {"step": step, "training": training, "prompts": uniq, "num_generations": G}
         logp_gaps: list[float] = []
@@ -480,9 +546,12 @@ class RepoRolloutFunc:
                     top_p=params.top_p if self.rephrase_top_p is None else self.rephrase_top_p,
                     top_k=params.top_k,
                 )
-                with generation_model() as model:  # all gated groups in one call
-                    gen = make_generator(model, trainer.eos_token_ids, pad_id, batch_size=self.generation_batch_size)
-                    raw = gen.generate(rp_rows, rp_params, rp_seeds)
+                if engine is not None and engine.per_call_batches:  # all gated groups in one call
+                    raw = engine.generate(rp_rows, rp_params, rp_seeds)
+                else:
+                    with generation_model() as model:
+                        gen = make_generator(model, trainer.eos_token_ids, pad_id, batch_size=self.generation_batch_size)
+                        raw = gen.generate(rp_rows, rp_params, rp_seeds)
                 cand_ids = [self._finalize_rephrase(trainer, r) for r in raw]
                 cand_prompts = [uniq[n] for n in gidx for _ in range(A)]
                 cand_rows = [looked[n][0] for n in gidx for _ in range(A)]
@@ -520,7 +589,17 @@ class RepoRolloutFunc:
         if want_logprobs is None:
             want_logprobs = bool(trainer.use_vllm and trainer.vllm_importance_sampling_correction)
         # Every row, injected ones included, under the ORIGINAL prompt q: never under P(q, k).
-        logprobs = self._logprobs(trainer, rows, completion_ids) if want_logprobs else None
+        # With TRL's vLLM engine, on-policy rows keep the engine's sampling log-probs (what TRL's
+        # importance correction is for) and injected rows get the training model's under q, so
+        # the correction does not mask them.
+        logprobs = None
+        if want_logprobs and engine_lps is not None:
+            logprobs = [list(lp) for lp in engine_lps]
+            swapped = [f for f, o in enumerate(origins) if o != ORIGIN_ON_POLICY]
+            for f, lp in zip(swapped, self._logprobs(trainer, [rows[f] for f in swapped], [completion_ids[f] for f in swapped]) if swapped else []):
+                logprobs[f] = lp
+        elif want_logprobs:
+            logprobs = self._logprobs(trainer, rows, completion_ids)
         names = [ORIGIN_NAMES[o] for o in origins]
         log_extra = getattr(trainer, "_log_completion_extra", None)  # the completions table column
         if log_extra is not None:
