@@ -215,6 +215,9 @@ def run_eval_command(args: argparse.Namespace) -> int:
             write_results(out, report)  # partial results survive a crash
     finally:
         math_reward.close()
+        close = getattr(generator, "close", None)  # an engine with its own process (vllm)
+        if callable(close):
+            close()
     if len(benches) > 1:
         report["average"] = macro_average(report["benchmarks"])
     report["wall_time_s"] = time.perf_counter() - t_start
