@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -159,10 +160,20 @@ def _check_hub_reachable(path: str, revision: Optional[str]) -> bool:
     )
 
 
+#: Files of which a local model directory needs at least one for its tokenizer.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+
+
 def load_tokenizer(path: str, trust_remote_code: bool = False, revision: Optional[str] = None, local_files_only: bool = False) -> Any:
     from transformers import AutoTokenizer
 
     extra = {"local_files_only": True} if local_files_only else {}
+    local = Path(path)
+    if local.is_dir() and not any((local / f).is_file() for f in TOKENIZER_FILES):
+        raise UserError(
+            f"model.name_or_path={path}: the directory has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
+            "save the tokenizer next to the weights (tokenizer.save_pretrained(DIR))"
+        )
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, revision=revision, **extra)
     if tok.pad_token_id is None:
         if tok.eos_token_id is None:
@@ -189,6 +200,11 @@ def load_model_and_tokenizer(mcfg: Any, toyworld_settings: Any = None, device: s
         )
     else:
         local_only = _check_hub_reachable(path, mcfg.revision)
+    if mcfg.trust_remote_code:
+        where = Path(path)
+        code = sorted(p.name for p in where.glob("*.py")) if where.is_dir() else []
+        what = ", ".join(code) if code else ("no .py files in the directory" if where.is_dir() else f"the code files of hub repo {path}")
+        print(f"repo-rl: model.trust_remote_code=true: code from the model will run in this process ({what})", file=sys.stderr)
     try:
         tok = load_tokenizer(path, mcfg.trust_remote_code, mcfg.revision, local_files_only=local_only)
         dtype = _DTYPES.get(mcfg.dtype, "auto")

@@ -54,6 +54,11 @@ def check_prompt_lengths(
     limit = cfg.data.max_prompt_length
     ctx = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     room = ctx - cfg.algorithm.max_completion_length if isinstance(ctx, int) and ctx > 0 else None
+    if room is not None and room < 1:
+        raise UserError(
+            f"algorithm.max_completion_length={cfg.algorithm.max_completion_length}: leaves no room for a prompt in the "
+            f"model's context of {ctx} tokens (max_position_embeddings); expected at most {ctx - 1}"
+        )
     bound = min(x for x in (limit, room) if x is not None) if (limit or room) else None
     for i, ex in enumerate(examples):
         if bound is not None:
@@ -75,3 +80,31 @@ def _too_long(cfg: Config, ex: Example, n: str, limit: Optional[int], room: Opti
         f"{ex.id}: prompt has {n} tokens; with algorithm.max_completion_length={cfg.algorithm.max_completion_length} "
         f"it does not fit the model's context of {ctx} tokens (max_position_embeddings)"
     )
+
+
+def check_rephrase_lengths(cfg: Config, method: alg.Method, examples: list[Example], renderer: Any, tokenizer: Any, model: Any) -> None:
+    """Rephrase prompts P(q, k) (question + expert solution) must fit the model's context with room
+    for ``repo.max_new_tokens`` (or the completion limit), like training prompts: a huge solution
+    is refused at start instead of slowing every step that rephrases it."""
+    specs = [alg.METHODS[p] for p in method.phases] if method.phases else [method]
+    if not any(getattr(s, "rephrases", False) for s in specs):
+        return
+    ctx = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if not (isinstance(ctx, int) and ctx > 0):
+        return
+    new = cfg.repo.max_new_tokens or cfg.algorithm.max_completion_length
+    room = ctx - new
+    for ex in examples:
+        if ex.solution is None:
+            continue
+        text = renderer.text(renderer.rephrase_prompt(ex, cfg.repo.rephrase_template))
+        cut = 64 * (room + 1)
+        n = len(tokenizer(text[:cut], add_special_tokens=False)["input_ids"]) if len(text) > cut else None
+        if n is None:
+            n = len(renderer.ids(renderer.rephrase_prompt(ex, cfg.repo.rephrase_template)))
+        if n > room:
+            raise UserError(
+                f"{ex.id}: the rephrase prompt (question + expert solution, repo.rephrase_template) has "
+                f"{'more than ' + str(room) if len(text) > cut else n} tokens; with {new} new tokens it does not fit the model's "
+                f"context of {ctx} tokens; shorten that solution or leave it out of data.fields.solution"
+            )

@@ -29,6 +29,15 @@ class PromptRenderer:
             return self.tokenizer.apply_chat_template(self.messages(prompt), tokenize=False, add_generation_prompt=True)
         if isinstance(prompt, str):
             return prompt
+        if not getattr(self, "_warned_no_template", False):
+            self._warned_no_template = True
+            import logging
+
+            why = "model.chat_template=never" if self.tokenizer is not None and getattr(self.tokenizer, "chat_template", None) else "the tokenizer has no chat template"
+            logging.getLogger("repo_rl").warning(
+                "chat messages without a chat template (%s): each prompt's message contents are joined with a blank "
+                "line, roles and the system prompt left out", why,
+            )
         return "\n\n".join(m["content"] for m in prompt)
 
     def ids(self, prompt: Prompt) -> list[int]:
