@@ -629,8 +629,16 @@ def test_corrupted_checkpoint_on_resume_is_one_clear_line(what, one_checkpoint, 
         model = make_tiny_model_dir(tmp_path / "other_model", hidden=32)
     else:
         CORRUPTIONS[what](out / "checkpoints" / "step-1")
-    rc, stderr, exc = _run_main(["train", "--config", str(world["config"]), "--output-dir", str(out), "--resume",
-                                 *tiny_overrides(model, world["data"], **{"train.threads": 1, "train.max_steps": 2})])
+    argv = ["train", "--config", str(world["config"]), "--output-dir", str(out), "--resume",
+            *tiny_overrides(model, world["data"], **{"train.threads": 1, "train.max_steps": 2})]
+    if what == "other_model":
+        # Another model is another run: refused by name before any checkpoint is read ...
+        rc, stderr, exc = _run_main(argv)
+        assert exc is None and rc == 2, stderr[-800:]
+        (line,) = _error_lines(stderr)
+        assert "model.name_or_path" in line and "--allow-config-change" in line, line
+        argv.insert(5, "--allow-config-change")  # ... and when the change is meant, the checkpoint does not fit
+    rc, stderr, exc = _run_main(argv)
     assert exc is None, f"escaped main(): {type(exc).__name__}: {str(exc)[:200]}"
     assert rc == 2, stderr[-800:]
     (line,) = _error_lines(stderr)

@@ -80,22 +80,57 @@ def _fail(msg: str) -> int:
     return EXIT_USAGE
 
 
+def _quiet_library_bars() -> None:
+    """Without a terminal, the libraries' own progress bars (loading, saving) would fill log files
+    with carriage returns: turn them off."""
+    if sys.stderr.isatty():
+        return
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    try:
+        from huggingface_hub.utils import disable_progress_bars
+        from transformers.utils import logging as hf_logging
+
+        disable_progress_bars()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from .config import load_config
 
-    cfg_path = args.config or default_config_path()
-    cfg = load_config(cfg_path, args.overrides)
-    if args.output_dir:
-        out = Path(args.output_dir)
-    elif args.resume:
+    _quiet_library_bars()
+
+    if args.resume and not args.output_dir:
         return _fail("--resume needs --output-dir DIR (the run to continue)")
+    if args.resume:
+        from .run_dir import load_resume_config
+
+        out = Path(args.output_dir)
+        cfg = load_resume_config(out, args.config, args.overrides, args.allow_config_change)
     else:
-        stem = Path(cfg_path).stem if args.config else "toy"
-        out = Path("runs") / f"{stem}-{cfg.algorithm.method}-{time.strftime('%Y%m%d-%H%M%S')}"
+        cfg_path = args.config or default_config_path()
+        if not args.config and _own_data(args.overrides):
+            # The toy world's settings (reward toy, its learning rate, toy evaluation) would leak
+            # into a run on the user's model or data: start from the general defaults instead.
+            cfg_path = None
+            _info("no --config: general defaults (repo-rl config --keys) with your overrides; the toy world's settings "
+                  "apply only to the toy world")
+        cfg = load_config(cfg_path, args.overrides)
+        if args.output_dir:
+            out = Path(args.output_dir)
+        else:
+            stem = Path(cfg_path).stem if args.config else ("toy" if cfg_path else "run")
+            out = Path("runs") / f"{stem}-{cfg.algorithm.method}-{time.strftime('%Y%m%d-%H%M%S')}"
     from .trainer import Trainer
 
     _info(f"repo-rl {__version__}: {cfg.algorithm.method} on {cfg.model.name_or_path}, output in {out}")
-    trainer = Trainer(cfg, out, resume=args.resume)
+    existed = out.exists()
+    try:
+        trainer = Trainer(cfg, out, resume=args.resume, allow_config_change=args.allow_config_change)
+    except BaseException:
+        _remove_if_empty_run(out, existed)
+        raise
     for rep in trainer.load_reports:
         msg = f"data: {rep.source}: {rep.loaded} rows"
         if rep.bad:
@@ -109,12 +144,21 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if cfg.model.name_or_path == "toyworld" and not args.no_eval and _is_main_process():
         before = _toy_eval(trainer, cfg)
     summary = trainer.train()
+    tables, notes = {}, []
     if before is not None:
         after = _toy_eval(trainer, cfg)
         _print_before_after(before, after)
+        tables["Accuracy before and after training"] = (before, after)
+        n = cfg.eval.max_items or 200
+        notes.append(
+            f"The table is greedy decoding on {n} items per split. The in-training curves (`eval/<split>/avg@{cfg.eval.n}`) "
+            f"sample {cfg.eval.n} completion(s) per item at eval.temperature={cfg.eval.temperature} on the first "
+            f"{cfg.eval.max_items or 'all'} items of data.eval_files, so the two can differ."
+        )
+    if _is_main_process():
         from .report import write_report
 
-        write_report(out, extra_tables={"Accuracy before and after training": (before, after)})
+        write_report(out, extra_tables=tables, notes=notes)
         print(f"report: {out / 'report.md'}", file=sys.stderr)
     last = summary.get("last") or {}
     if last:
@@ -123,6 +167,28 @@ def _cmd_train(args: argparse.Namespace) -> int:
         trainer.scorer.close()  # exit_process skips the atexit handlers that would stop its workers
         trainer.dist.exit_process()
     return 0
+
+
+def _own_data(overrides: Sequence[str]) -> bool:
+    """Overrides that name training data other than the toy world's (another model alone still
+    trains on the toy world, with its settings)."""
+    for item in overrides:
+        key, _, value = item.partition("=")
+        key, value = key.strip(), value.strip().strip("'\"")
+        if key == "data.train_files" and not value.startswith("toyworld:"):
+            return True
+    return False
+
+
+def _remove_if_empty_run(out: Path, existed: bool) -> None:
+    """A start that failed leaves no directory behind that it created and wrote no run into."""
+    if existed or not out.is_dir() or not _is_main_process():
+        return
+    if (out / "checkpoints").exists() or (out / "metrics.jsonl").exists():
+        return
+    import shutil
+
+    shutil.rmtree(out, ignore_errors=True)
 
 
 def _toy_eval(trainer, cfg) -> dict[str, float]:
@@ -200,7 +266,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--config", "-c", help="YAML config file (default: the embedded toy world)")
     t.add_argument("--output-dir", "-o", help="directory for config.yaml, metrics, completions and checkpoints")
-    t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
+    t.add_argument("--resume", action="store_true",
+                   help="continue the run in --output-dir from its latest checkpoint, with its config.yaml as the base config "
+                        "(--config and overrides on top)")
+    t.add_argument("--allow-config-change", action="store_true",
+                   help="with --resume: accept changes to keys that define the run (model, method, group size, data, seed)")
     t.add_argument("--no-eval", action="store_true", help="skip the before/after accuracy table of the toy world")
     t.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides (before, between or after the flags)")
     t.set_defaults(func=_cmd_train)
@@ -243,6 +313,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from .config import ConfigError
     from .errors import TrainingError, UserError
 
+    # OpenMP threads that spin while waiting steal a shared core from other work; set before torch loads.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from .run_dir import StopRequested
+
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv:
         argv = ["train"]
@@ -258,6 +332,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except TrainingError as e:
         print(f"repo-rl: training stopped: {e}", file=sys.stderr)
         return 1
+    except (MemoryError, RuntimeError) as e:
+        text = str(e)
+        if not isinstance(e, MemoryError) and "out of memory" not in text and "can't allocate memory" not in text:
+            raise
+        print(
+            "repo-rl: error: out of memory"
+            f"{' (' + text.splitlines()[0][:160] + ')' if text else ''}; lower train.micro_batch_size, "
+            "algorithm.num_generations, train.prompts_per_step or algorithm.max_completion_length, set "
+            "train.logprob_chunk_size, or turn on train.gradient_checkpointing; completed checkpoints are intact (--resume)",
+            file=sys.stderr,
+        )
+        return 1
+    except StopRequested as e:
+        import signal
+
+        saved = f"checkpoint of step {e.step} saved; " if e.step else ""
+        print(f"repo-rl: {e}; {saved}resume with --resume", file=sys.stderr)
+        return 128 + int(e.signum) if e.signum in (signal.SIGINT, signal.SIGTERM) else 1
     except KeyboardInterrupt:
         print("repo-rl: interrupted; resume with --resume", file=sys.stderr)
         return 130

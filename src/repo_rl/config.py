@@ -240,7 +240,10 @@ class TrainConfig:
     bf16_generation: Optional[bool] = None
     """bf16 autocast while sampling (None: same as ``train.bf16``); tiny models sample faster in fp32."""
     threads: Optional[int] = None
-    """torch intra-op threads (None: torch default)."""
+    """torch intra-op threads. None: 1 on CPU (two threads on two shared cores ran 10-30x slower
+    when another process was busy; see BENCHMARKS.md), torch's default on a GPU or when
+    ``OMP_NUM_THREADS`` is set. The CLI also sets OpenMP's wait policy to passive unless
+    ``OMP_WAIT_POLICY`` is set."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
     skip_zero_advantage: bool = True
@@ -260,7 +263,12 @@ class TrainConfig:
     save_total_limit: Optional[int] = 2
     """Keep at most this many checkpoints (None: keep all)."""
     max_bad_steps: int = 5
-    """Stop after this many consecutive steps with a non-finite loss or gradient."""
+    """Stop after this many consecutive bad steps: a non-finite loss or gradient, or an exploding
+    update (``train.max_weight_growth``). Bad steps are never saved over a good checkpoint."""
+    max_weight_growth: Optional[float] = 2.0
+    """An update after which the weights' L2 norm exceeds this multiple of the norm after the last
+    good step counts as exploding (normal steps change it by well under 1%); None: off. Not
+    checked under FSDP or DeepSpeed."""
     log_completions: bool = True
     """Write every completion to ``completions.jsonl``."""
     device: str = "auto"
@@ -272,7 +280,11 @@ class LoggingConfig:
     report_to: list[Literal["tensorboard", "wandb", "trackio"]] = field(default_factory=list)
     """Optional trackers besides ``metrics.jsonl``."""
     progress: bool = True
-    """Show a live progress bar with the latest metrics."""
+    """Show a live progress bar with the latest metrics (only when stderr is a terminal; otherwise,
+    or when false, plain lines every ``logging.logging_steps`` steps)."""
+    logging_steps: int = 10
+    """TRL's name: a plain log line on stderr every this many steps when there is no progress bar
+    (0: none). The first and the last step are always logged."""
     run_name: Optional[str] = None
     """Run name for trackers (default: the output directory name)."""
 

@@ -118,7 +118,9 @@ def validate(cfg: Config) -> None:
         check(t.save_total_limit >= 1, "train.save_total_limit", "an integer >= 1 or null", t.save_total_limit)
     if t.logprob_chunk_size is not None:
         check(t.logprob_chunk_size >= 1, "train.logprob_chunk_size", "a positive integer or null", t.logprob_chunk_size)
+    check(cfg.logging.logging_steps >= 0, "logging.logging_steps", "an integer >= 0", cfg.logging.logging_steps)
     check(t.max_bad_steps >= 1, "train.max_bad_steps", "an integer >= 1", t.max_bad_steps)
+    check(t.max_weight_growth is None or t.max_weight_growth > 1, "train.max_weight_growth", "null or a number > 1", t.max_weight_growth)
     check(0 <= t.mmap_threshold_kb <= MMAP_MAX_KB, "train.mmap_threshold_kb", f"an integer in [0, {MMAP_MAX_KB}]", t.mmap_threshold_kb)
     check(0 <= t.seed < 2**63, "train.seed", "an integer in [0, 2**63)", t.seed)
     if cfg.data.max_prompt_length is not None:

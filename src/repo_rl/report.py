@@ -66,7 +66,8 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def write_report(run_dir: Path, extra_tables: Optional[dict[str, tuple[dict[str, float], dict[str, float]]]] = None) -> Path:
+def write_report(run_dir: Path, extra_tables: Optional[dict[str, tuple[dict[str, float], dict[str, float]]]] = None,
+                 notes: Optional[list[str]] = None) -> Path:
     """Write ``run_dir/report.md`` and ``run_dir/metrics.png``."""
     run_dir = Path(run_dir)
     rows = read_jsonl(run_dir / "metrics.jsonl")
@@ -79,6 +80,8 @@ def write_report(run_dir: Path, extra_tables: Optional[dict[str, tuple[dict[str,
         for k in before:
             lines.append(f"| {k} | {_fmt(before[k])} | {_fmt(after.get(k, float('nan')))} |")
         lines.append("")
+    for note in notes or []:
+        lines += [note, ""]
     if rows:
         plotted = plot_metrics(rows, run_dir / "metrics.png")
         if plotted:

@@ -31,6 +31,12 @@ class RunState:
     last_solved: dict[str, bool] = field(default_factory=dict)
     batching_trials: list[tuple[str, float]] = field(default_factory=list)
     """``repo.rephrase_batching=auto``: (mode, seconds) of the trial steps."""
+    data_fingerprint: Optional[str] = None
+    """:func:`repo_rl.run_dir.data_fingerprint` of the training data the run started on."""
+    good_weight_norm: Optional[float] = None
+    """L2 norm of the weights after the last good step (``train.max_weight_growth``)."""
+    first_bad_step: Optional[int] = None
+    """The first step of the current streak of non-finite steps (None: the last step was good)."""
 
     @property
     def batching(self) -> Optional[str]:
@@ -46,6 +52,9 @@ class RunState:
             "first_seen_all_fail": self.first_seen_all_fail,
             "last_solved": self.last_solved,
             "batching_trials": [list(x) for x in self.batching_trials],
+            "data_fingerprint": self.data_fingerprint,
+            "first_bad_step": self.first_bad_step,
+            "good_weight_norm": self.good_weight_norm,
         }
 
     @classmethod
@@ -58,6 +67,9 @@ class RunState:
             first_seen_all_fail=dict(state.get("first_seen_all_fail", {})),
             last_solved=dict(state.get("last_solved", {})),
             batching_trials=[(str(m), float(t)) for m, t in state.get("batching_trials", [])] if keep_trials else [],
+            data_fingerprint=state.get("data_fingerprint"),
+            first_bad_step=state.get("first_bad_step"),
+            good_weight_norm=state.get("good_weight_norm"),
         )
 
 
@@ -72,9 +84,25 @@ def find_resume_checkpoint(out: Path, dist: Dist) -> Optional[Path]:
 def cannot_resume(ckpt: Path, e: Exception) -> UserError:
     first = (str(e).strip().splitlines() or [""])[0][:200]
     return UserError(
-        f"{ckpt}: cannot resume from this checkpoint ({type(e).__name__}: {first}); it is damaged or "
-        "from another model. Move it aside to resume from the one before it"
+        f"{ckpt}: cannot resume from this checkpoint ({type(e).__name__}: {first}); it does not fit the model "
+        "and settings of this run (check model.* and model.lora.* against the run's config.yaml), or it is damaged"
     )
+
+
+def apply_hyperparameters(optimizer: Any, scheduler: Any, train_cfg: Any) -> None:
+    """Make the optimizer use the config's learning rate, betas and weight decay after its state
+    was loaded from a checkpoint (the loaded state carries the values the run started with)."""
+    lr = float(train_cfg.learning_rate)
+    if hasattr(scheduler, "base_lrs"):
+        scheduler.base_lrs = [lr for _ in scheduler.base_lrs]
+    for i, g in enumerate(optimizer.param_groups):
+        g["initial_lr"] = lr
+        g["betas"] = (train_cfg.adam_beta1, train_cfg.adam_beta2)
+        g["weight_decay"] = train_cfg.weight_decay
+        lam = scheduler.lr_lambdas[i] if hasattr(scheduler, "lr_lambdas") else None
+        g["lr"] = lr * lam(scheduler.last_epoch) if lam is not None else lr
+    if hasattr(scheduler, "_last_lr"):
+        scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
 
 
 def load_weights(model: Any, ckpt: Path, lora: bool) -> None:

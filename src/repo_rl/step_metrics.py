@@ -81,6 +81,26 @@ def track_hard_prompts(first_seen_all_fail: dict[str, bool], last_solved: dict[s
     }
 
 
+def as_prompt_text(prompt: Any) -> str:
+    """A prompt as one string for the logs: chat messages as ``role: content`` lines."""
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, list):
+        return "\n".join(f"{m.get('role', '?')}: {m.get('content', '')}" if isinstance(m, dict) else str(m) for m in prompt)
+    return str(prompt)
+
+
+def log_line(m: dict[str, Any], max_steps: int) -> str:
+    """One plain log line of a step's metrics (TRL's ``logging_steps`` habit; no carriage returns)."""
+    def f(key: str, fmt: str) -> str:
+        v = m.get(key)
+        return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
+
+    return (f"step {m.get('step')}/{max_steps} | loss {f('loss', '.4f')} | reward {f('reward', '.3f')} | "
+            f"gate {f('repo/gate_rate', '.2f')} | rephrase ok {f('repo/rephrase_success_rate', '.2f')} | "
+            f"lr {f('learning_rate', '.2e')} | {f('time/step', '.2f')} s/step")
+
+
 def completion_records(group: Group, adv: torch.Tensor, step: int, group_size: int) -> list[dict[str, Any]]:
     """One ``completions.jsonl`` record per row of this rank (groups numbered from 0)."""
     records = []
@@ -90,6 +110,8 @@ def completion_records(group: Group, adv: torch.Tensor, step: int, group_size: i
             {
                 "step": step,
                 "prompt_id": ex.id,
+                "prompt": as_prompt_text(ex.prompt),
+                "answer": ex.answer,
                 "group": i // group_size,
                 "origin": alg.ORIGIN_NAMES[o],
                 "reward": None if math.isnan(r) else r,

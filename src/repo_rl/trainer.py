@@ -24,7 +24,7 @@ from typing import Any, Optional
 import torch
 
 from . import algorithms as alg
-from .checkpoint import latest_checkpoint
+from .checkpoint import latest_checkpoint, list_checkpoints
 from .config import Config
 from .data import DataError, Example, LoadReport, PromptSampler, load_examples
 from .distributed import Dist, deepspeed_engine, full_parameters, fully_shard_model
@@ -33,15 +33,18 @@ from .evaluate import pass_at_k
 from .logprobs import check_chunkable
 from .malloc import set_mmap_threshold
 from .modeling import apply_lora, eos_token_ids, load_model_and_tokenizer
-from .preflight import check_prompt_lengths, check_solutions, resolve_data
+from .preflight import check_prompt_lengths, check_rephrase_lengths, check_solutions, resolve_data
 from .prompts import PromptRenderer
 from .rewards.scorer import RewardScorer
 from .rollout import BATCHING_TRIALS, SamplingParams, derive_seed, make_generator
-from .run_state import RunState, find_resume_checkpoint, load_run, load_weights, save_run
+from .health import default_threads, exploded, good_checkpoint_hint, weight_norm, weights_finite
+from .run_dir import RunLock, StopRequested, StopSignals, data_fingerprint
+from .run_state import RunState, apply_hyperparameters, find_resume_checkpoint, load_run, load_weights, save_run
 from .sampling import STREAM_EVAL, STREAM_REPHRASE, STREAM_ROLLOUT, STREAM_STEP, StepSampler  # noqa: F401
 from .step import Group, Sequence_
 from .step_metrics import (
     completion_records,
+    log_line,
     counter_metrics,
     length_counters,
     merge_counters,
@@ -56,18 +59,35 @@ from .update import PolicyUpdate, lr_factor
 class Trainer:
     """GRPO-family trainer with RePO group composition. See the module docstring."""
 
-    def __init__(self, cfg: Config, output_dir: str | Path, resume: bool = False, progress: Optional[bool] = None) -> None:
+    def __init__(self, cfg: Config, output_dir: str | Path, resume: bool = False, progress: Optional[bool] = None,
+                 allow_config_change: bool = False) -> None:
         self.cfg = cfg
         self.out = Path(output_dir)
         self.resume = resume
+        self.allow_config_change = allow_config_change
+        self.lock: Optional[RunLock] = None
         self.show_progress = cfg.logging.progress if progress is None else progress
         self.method = alg.METHODS[cfg.algorithm.method]
         self.dist = Dist()
-        self._check_launch()
-        self._load_data()
-        self._load_model()
-        self._make_optimizer()
-        self._open_run()
+        try:
+            self._check_launch()
+            self._load_data()
+            self._load_model()
+            self._make_optimizer()
+            self._open_run()
+        except BaseException:
+            self.close_engines()
+            raise
+
+    def close_engines(self) -> None:
+        """Release the run directory's lock and stop helper processes (an engine, reward workers);
+        :meth:`train` does this when it ends, a failed start here."""
+        if self.lock is not None:
+            self.lock.release()
+        for name in ("scorer", "generator"):
+            close = getattr(getattr(self, name, None), "close", None)
+            if callable(close):
+                close()
 
     # ------------------------------------------------------------------ setup
     def _check_launch(self) -> None:
@@ -79,11 +99,14 @@ class Trainer:
             )
         if self.dist.is_main:
             check_writable(self.out)
+            self.lock = RunLock(self.out)
+            self.lock.acquire()
         self.dist.barrier()
         if not self.resume and latest_checkpoint(self.out / "checkpoints") is not None:
             raise UserError(f"--output-dir {self.out}: already holds a run with checkpoints; pass --resume to continue it or choose another directory")
-        if cfg.train.threads:
-            torch.set_num_threads(cfg.train.threads)
+        threads = cfg.train.threads if cfg.train.threads else default_threads(self.cfg.train.device)
+        if threads:
+            torch.set_num_threads(threads)
         set_mmap_threshold(cfg.train.mmap_threshold_kb)
         torch.manual_seed(cfg.train.seed)
         dev = cfg.train.device
@@ -156,6 +179,7 @@ class Trainer:
                 fully_shard_model(self.ref_model, fsdp)
         self._prompt_cache: dict[int, list[int]] = {}
         check_prompt_lengths(cfg, self.train_examples, self.renderer, self.tokenizer, self.core, self._prompt_ids)
+        check_rephrase_lengths(cfg, self.method, self.train_examples, self.renderer, self.tokenizer, self.core)
 
     def _make_optimizer(self) -> None:
         t = self.cfg.train
@@ -178,17 +202,28 @@ class Trainer:
 
     def _open_run(self) -> None:
         cfg, main = self.cfg, self.dist.is_main
-        if main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
         self.run = RunState()
+        fingerprint = data_fingerprint(self.train_examples)
         if self.resume:
             keep = cfg.repo.rephrase_batching == "auto"
             self.run = load_run(self._resume_from, self.out, self.dist, self.model, self.optimizer, self.scheduler, self.sampler, keep)
-        elif main and (self.out / "metrics.jsonl").exists():
-            # A fresh run in a directory with metrics but no checkpoint: start the logs over.
-            for name in ("metrics.jsonl", "completions.jsonl"):
-                (self.out / name).unlink(missing_ok=True)
+            if self._resume_from is not None:
+                apply_hyperparameters(self.optimizer, self.scheduler, cfg.train)  # the config's, not the checkpoint's
+            saved = self.run.data_fingerprint
+            if saved is not None and saved != fingerprint and not self.allow_config_change:
+                raise UserError(
+                    f"--resume: the training data differs from the data the run in {self.out} started on (same files, other "
+                    "content); start a new output directory, or pass --allow-config-change if the change is meant"
+                )
+        self.run.data_fingerprint = fingerprint
+        if self.run.good_weight_norm is None:
+            self._exploded()  # the initial weights' norm is the first reference
+        if main:  # what the run uses from now on (a resume may have changed some keys)
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
+            if not self.resume:  # a fresh run in a directory with logs but no checkpoint: start the logs over
+                for name in ("metrics.jsonl", "completions.jsonl"):
+                    (self.out / name).unlink(missing_ok=True)
         self.dist.barrier()
         self.metrics_log = JsonlWriter(self.out / "metrics.jsonl") if main else None
         self.completions_log = JsonlWriter(self.out / "completions.jsonl") if cfg.train.log_completions and main else None
@@ -256,8 +291,10 @@ class Trainer:
             res = self.updater(group.sequences, adv, valid, keep_logp=list(group.gap_under_p))
             upd, logp_sums = res.metrics, res.logp_sums
             timings.update(res.timings)
-            run.bad_steps_total += int(res.skipped)
-            run.bad_steps_consecutive = run.bad_steps_consecutive + 1 if res.skipped else 0
+            bad = res.skipped or self._exploded()
+            run.bad_steps_total += int(bad)
+            run.bad_steps_consecutive = run.bad_steps_consecutive + 1 if bad else 0
+            run.first_bad_step = (run.first_bad_step or run.step + 1) if bad else None
             upd["train/bad_steps"] = float(run.bad_steps_total)
             self.generator.sync_weights(self.core)
         else:
@@ -287,7 +324,8 @@ class Trainer:
         stop = None
         if run.bad_steps_consecutive >= cfg.train.max_bad_steps:
             stop = (f"stopped after {run.bad_steps_consecutive} consecutive steps with a non-finite loss or gradient "
-                    f"(train.max_bad_steps={cfg.train.max_bad_steps}); try a lower train.learning_rate or train.bf16=false")
+                    f"(train.max_bad_steps={cfg.train.max_bad_steps}), the first at step {run.first_bad_step}; "
+                    + good_checkpoint_hint(list_checkpoints(self.out / "checkpoints"), run.first_bad_step or run.step))
         elif run.unscored_steps >= cfg.reward.max_unscored_steps:
             describe = getattr(self.scorer, "unscored_message", None)
             stop = describe(run.unscored_steps) if describe else (
@@ -297,6 +335,18 @@ class Trainer:
                 self.metrics_log.write(m)
             raise TrainingError(stop)
         return m
+
+    def _exploded(self) -> bool:
+        """:func:`~repo_rl.health.exploded` after an update (the norm of a good step becomes the
+        next reference); not checked when the weights are sharded."""
+        limit = self.cfg.train.max_weight_growth
+        if limit is None or self.dist.fsdp is not None or self.dist.engine is not None:
+            return False
+        norm = weight_norm(self.model)
+        if exploded(norm, self.run.good_weight_norm, limit):
+            return True
+        self.run.good_weight_norm = norm
+        return False
 
     def _advantages(self, group: Group, on_policy: torch.Tensor, method: alg.Method):
         """Group-relative advantages over the global batch (gathered in rank order), sliced back
@@ -387,30 +437,46 @@ class Trainer:
         cfg = self.cfg
         t = cfg.train
         bar = None
-        if self.show_progress and self.dist.is_main:
+        every = cfg.logging.logging_steps
+        if self.show_progress and self.dist.is_main and sys.stderr.isatty():
             from tqdm.auto import tqdm
 
             bar = tqdm(total=t.max_steps, initial=self.step, desc=f"{cfg.algorithm.method}", unit="step", dynamic_ncols=True)
         last: dict[str, Any] = {}
+        signals = StopSignals(self._say if self.dist.is_main else None)
+        last_saved = self.step
         try:
-            while self.step < t.max_steps:
-                m = self.train_step()
-                if cfg.eval.every and self.step % cfg.eval.every == 0:
-                    m.update(self.evaluate())
-                if self.metrics_log is not None:
-                    self.metrics_log.write(m)
-                self.trackers.log(m, self.step)
-                last = m
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(
-                        reward=f"{m['reward']:.3f}",
-                        gate=f"{m['repo/gate_rate']:.2f}",
-                        rephr=("-" if math.isnan(m["repo/rephrase_success_rate"]) else f"{m['repo/rephrase_success_rate']:.2f}"),
-                        s=f"{m['time/step']:.2f}",
-                    )
-                if (t.save_every and self.step % t.save_every == 0) or self.step == t.max_steps:
-                    self._save()
+            with signals:
+                while self.step < t.max_steps:
+                    m = self.train_step()
+                    if cfg.eval.every and self.step % cfg.eval.every == 0:
+                        m.update(self.evaluate())
+                    if self.metrics_log is not None:
+                        self.metrics_log.write(m)
+                    self.trackers.log(m, self.step)
+                    last = m
+                    if bar is None and self.dist.is_main and every and (self.step % every == 0 or self.step in (1, t.max_steps)):
+                        self._say(log_line(m, t.max_steps))
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(
+                            reward=f"{m['reward']:.3f}",
+                            gate=f"{m['repo/gate_rate']:.2f}",
+                            rephr=("-" if math.isnan(m["repo/rephrase_success_rate"]) else f"{m['repo/rephrase_success_rate']:.2f}"),
+                            s=f"{m['time/step']:.2f}",
+                        )
+                    # A step that went non-finite, or weights that did, are never saved over a good checkpoint.
+                    due = (t.save_every and self.step % t.save_every == 0) or self.step == t.max_steps
+                    requested = max(self.dist.gather(signals.requested or 0))  # every rank stops at the same step
+                    if (due or requested) and self.step != last_saved:
+                        sharded = self.dist.fsdp is not None or self.dist.engine is not None
+                        if self.run.bad_steps_consecutive == 0 and (sharded or weights_finite(self.model)):
+                            self._save()
+                            last_saved = self.step
+                        elif self.dist.is_main:
+                            self._say(f"step {self.step}: not saved (non-finite loss, gradient or weights); the last checkpoint is kept")
+                    if requested:
+                        raise StopRequested(int(requested), last_saved)
         finally:
             if bar is not None:
                 bar.close()
@@ -419,10 +485,7 @@ class Trainer:
             if self.completions_log is not None:
                 self.completions_log.close()
             self.trackers.close()
-            for owner in (self.scorer, self.generator):  # custom rewards' workers, an engine's process
-                close = getattr(owner, "close", None)
-                if callable(close):
-                    close()
+            self.close_engines()
         self.dist.close()
         return {"steps": self.step, "last": last}
 

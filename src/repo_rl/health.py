@@ -1,0 +1,52 @@
+"""A run's health: the thread count on shared CPUs, updates that blow the weights up, weights
+checked before a save, and where to resume after a divergence."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+
+def default_threads(device: str) -> Optional[int]:
+    """``train.threads`` when unset: 1 on CPU, where small models lose nothing with one thread and
+    two threads on shared cores were measured 10-30x slower when another process is busy (see
+    BENCHMARKS.md); None (torch's choice) on a GPU or when ``OMP_NUM_THREADS`` is set."""
+    if os.environ.get("OMP_NUM_THREADS") or device not in ("cpu", "auto") or (device == "auto" and torch.cuda.is_available()):
+        return None
+    return 1
+
+
+def weight_norm(model: Any) -> float:
+    """The L2 norm of all parameters (inf or NaN when a weight is)."""
+    with torch.no_grad():
+        return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.float()) for p in model.parameters()])))
+
+
+def weights_finite(model: Any) -> bool:
+    """No NaN or inf in any parameter."""
+    with torch.no_grad():
+        return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+def exploded(norm: float, good_norm: Optional[float], limit: float) -> bool:
+    """An update blew the weights up: a non-finite norm, or one above ``limit`` times the norm
+    after the last good step (``train.max_weight_growth``; no reference yet: only non-finite)."""
+    return not math.isfinite(norm) or (good_norm is not None and norm > limit * good_norm)
+
+
+def _step_of(path: Path) -> int:
+    return int(path.name.rsplit("-", 1)[-1])
+
+
+def good_checkpoint_hint(checkpoints: list[Path], first_bad_step: int) -> str:
+    """Where to resume after a divergence: the latest checkpoint saved before the update that
+    preceded the first bad step (that update may be the one that blew the weights up)."""
+    good = [c for c in checkpoints if _step_of(c) <= first_bad_step - 2]
+    fix = "a lower train.learning_rate or train.bf16=false"
+    if not good:
+        return f"no checkpoint predates it: start again with {fix}"
+    return f"resume from the last good checkpoint, {good[-1]} (move the later ones aside), with --resume and {fix}"
