@@ -198,9 +198,52 @@ class BaselinesConfig:
 
 
 @dataclass
+class JudgeConfig:
+    """The ``judge`` reward: a model behind an OpenAI-compatible server (``vllm serve``, SGLang, a
+    hosted API) says whether a completion's final answer matches the reference."""
+
+    base_url: str = "http://127.0.0.1:8000/v1"
+    """Server root up to ``/v1`` (``POST {base_url}/chat/completions``)."""
+    model: str = ""
+    """Model name the server serves (required when ``judge`` is in reward.funcs)."""
+    api_key_env: Optional[str] = "OPENAI_API_KEY"
+    """Name of the environment variable that holds the API key (the key itself never goes in a config
+    or a log); unset variable or null: no Authorization header."""
+    template: str = ""
+    """Prompt template with ``{question}``, ``{reference}`` and ``{answer}`` ('': the built-in one, which
+    asks for YES or NO)."""
+    template_file: Optional[str] = None
+    """Read the template from this file instead."""
+    system_prompt: Optional[str] = None
+    """Optional system message for the judge."""
+    verdict: Literal["yes_no", "score"] = "yes_no"
+    """How the reply is read: ``yes_no``, the last YES or NO (1 or 0); ``score``, the last number, divided
+    by ``max_score``. A reply without one scores None (counted in rewards/judge_errors)."""
+    max_score: float = 10.0
+    """``verdict=score``: the top of the scale."""
+    max_tokens: int = 16
+    """Tokens the judge may write (``score`` or a reasoning judge may need more)."""
+    temperature: float = 0.0
+    """Judge sampling temperature."""
+    max_answer_chars: int = 4000
+    """Only the last this many characters of a completion are shown to the judge."""
+    concurrency: int = 16
+    """Requests in flight at once."""
+    timeout: float = 60.0
+    """Seconds per request."""
+    retries: int = 2
+    """Retries of a request that timed out, could not connect or got HTTP 429 / 5xx (with back-off)."""
+    backoff: float = 1.0
+    """Seconds before the first retry, doubled for each next one."""
+    cache: Optional[str] = "~/.cache/repo_rl/judge.sqlite"
+    """On-disk cache of verdicts keyed by (prompt, completion, reference, judge model, template), so
+    resumed runs and repeated evaluations do not ask twice (null: off)."""
+
+
+@dataclass
 class RewardConfig:
     funcs: list[str] = field(default_factory=lambda: ["math"])
-    """Reward functions: built-in names (math, numeric, choice, toy) or dotted import paths ``pkg.mod:fn``."""
+    """Reward functions: built-in names (math, numeric, choice, toy, judge) or dotted import paths ``pkg.mod:fn``."""
     weights: Optional[list[float]] = None
     """Per-function weights (None: all 1). The reward is the weighted sum."""
     timeout: float = 5.0
@@ -209,6 +252,13 @@ class RewardConfig:
     max_unscored_steps: int = 3
     """Stop after this many consecutive steps in which no completion got a reward (every function
     returned None, errored or timed out): training on nothing is an error, not loss 0."""
+    by_domain: Optional[dict[str, list[str]]] = None
+    """Reward routing: a row's ``domain`` (``data_source``) -> the reward.funcs entries that score it,
+    e.g. ``{math: [math], mcq: [choice], finance: [judge]}``. A function scores only the rows of the
+    domains that list it; a row whose domain is not a key is an error when the data loads. RePO's
+    rephrases are verified by the same route. None: every function scores every row."""
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    """Settings of the ``judge`` reward."""
 
 
 @dataclass

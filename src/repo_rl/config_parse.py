@@ -26,6 +26,9 @@ def _type_name(tp: Any) -> str:
     if origin is list:
         (inner,) = typing.get_args(tp) or (Any,)
         return f"a list of {_type_name(inner)}"
+    if origin is dict:
+        _, inner = typing.get_args(tp) or (str, Any)
+        return f"a mapping of names to {_type_name(inner)}"
     if tp is type(None):
         return "null"
     if dataclasses.is_dataclass(tp):
@@ -69,6 +72,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return [value]
             raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
         return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        _, inner = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+        return {str(k): _coerce(v, inner, f"{key}.{k}") for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping of {tp.__name__} keys, got {value!r}")

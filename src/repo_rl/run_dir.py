@@ -42,6 +42,11 @@ IDENTITY_KEYS = (
     "data.shuffle",
     "reward.funcs",
     "reward.weights",
+    "reward.by_domain",
+    "reward.judge.model",
+    "reward.judge.template",
+    "reward.judge.template_file",
+    "reward.judge.verdict",
     "toyworld",
 )
 

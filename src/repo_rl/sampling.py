@@ -205,7 +205,7 @@ class StepSampler:
             cand_examples = [examples[n] for n in gidx for _ in range(A)]
             cand_r, rmetrics = self.scorer([e.prompt for e in cand_examples], cand_texts, cand_examples)
             timings["reward"] = timings.get("reward", 0.0) + time.perf_counter() - t0
-            for key in ("rewards/verifier_errors", "rewards/verifier_timeouts"):
+            for key in ("rewards/verifier_errors", "rewards/verifier_timeouts", *(k for k in rmetrics if k.startswith("rewards/judge_"))):
                 counters[key] = counters.get(key, 0.0) + rmetrics[key]
             verified = (cand_r >= cfg.repo.delta).view(len(gidx), A)
             counters["repo/attempts"], counters["repo/verified"] = float(verified.numel()), float(verified.sum())

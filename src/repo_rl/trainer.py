@@ -130,7 +130,11 @@ class Trainer:
         except DataError as e:
             raise UserError(str(e)) from None
         check_solutions(self.method, self.train_examples)
-        self.scorer = RewardScorer(cfg.reward.funcs, cfg.reward.weights, cfg.reward.timeout)
+        self.scorer = RewardScorer(cfg.reward.funcs, cfg.reward.weights, cfg.reward.timeout, judge=cfg.reward.judge,
+                                   by_domain=cfg.reward.by_domain)
+        self.scorer.check_domains(self.train_examples, "data.train_files")
+        for name, rows in self.eval_examples.items():
+            self.scorer.check_domains(rows, f"data.eval_files ({name})")
 
     def _load_model(self) -> None:
         cfg, fsdp = self.cfg, self.dist.fsdp

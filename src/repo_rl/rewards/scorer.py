@@ -72,17 +72,31 @@ class RewardScorer:
         timeout: float,
         *,
         max_failed_calls: int = 3,
+        judge: Any = None,
+        by_domain: Optional[dict[str, list[str]]] = None,
+        check_judge: bool = True,
     ) -> None:
         from .registry import resolve_reward
 
         self.funcs: list[Callable[..., list]] = []
         self.labels: list[str] = []
         for spec in specs:
+            label = spec.strip() if isinstance(spec, str) else str(spec)
+            if label == "judge":  # built from reward.judge, not the registry
+                from .judge import JudgeReward
+
+                if judge is None:
+                    raise UserError("reward.funcs: judge needs the reward.judge settings (base_url, model ...)")
+                fn = judge if isinstance(judge, JudgeReward) else JudgeReward.from_config(judge)
+                if check_judge:
+                    fn.check()  # a server that is down is an error before any training
+                self.funcs.append(fn)
+                self.labels.append(label)
+                continue
             try:
                 fn, path = resolve_reward(spec)
             except ValueError as e:
                 raise UserError(f"reward.funcs: {e}") from None
-            label = spec.strip() if isinstance(spec, str) else str(spec)
             if _is_builtin(fn):
                 if hasattr(fn, "timeout"):
                     try:
@@ -101,6 +115,8 @@ class RewardScorer:
         """Consecutive calls (with at least one completion) in which every combined reward was
         NaN: no function gave a usable value for any completion. Reset by a call with one."""
         self._streak: dict[str, dict[str, int]] = {}
+        self.by_domain = dict(by_domain) if by_domain else None
+        """``reward.by_domain``: domain -> the labels of the functions that score its rows."""
 
     def close(self) -> None:
         """Stop the reward functions' worker processes, if they have any (they restart on use)."""
@@ -139,6 +155,34 @@ class RewardScorer:
             f"an error or a timeout): {'; '.join(parts)}; fix reward.funcs, or raise reward.timeout if these are timeouts"
         )
 
+    def _rows_of(self, label: str, examples: list[Example]) -> Optional[list[int]]:
+        """The rows a function scores under ``reward.by_domain`` (None: all of them)."""
+        if self.by_domain is None:
+            return None
+        rows = []
+        for i, e in enumerate(examples):
+            funcs = self.by_domain.get(str(e.domain))
+            if funcs is None:
+                raise TrainingError(
+                    f"{e.id}: domain {e.domain!r} has no entry in reward.by_domain ({', '.join(self.by_domain)})"
+                )
+            if label in funcs:
+                rows.append(i)
+        return rows
+
+    def check_domains(self, examples: Sequence[Example], where: str = "data") -> None:
+        """A one-line :class:`UserError` for the first row whose domain ``reward.by_domain`` does
+        not route (called when the data loads, not at step 300)."""
+        if self.by_domain is None:
+            return
+        for e in examples:
+            if str(e.domain) not in self.by_domain:
+                shown = "no domain" if e.domain is None else f"domain {e.domain!r}"
+                raise UserError(
+                    f"{where}: row {e.id} has {shown}, which reward.by_domain does not route (it routes "
+                    f"{', '.join(self.by_domain)}); add the domain, or set the rows' domain / data_source column"
+                )
+
     def __call__(self, prompts: list[Any], completions: list[str], examples: list[Example]) -> tuple[torch.Tensor, dict[str, float]]:
         """Combined rewards ``[len(completions)]`` (:func:`combine_rewards`: NaN where every function
         gave None) and counters
@@ -159,19 +203,27 @@ class RewardScorer:
         nones = 0
         per_fn: list[tuple[str, int]] = []
         for fn, label, name, w in zip(self.funcs, self.labels, self.names, self.weights):
-            if n == 0 and isinstance(fn, GuardedReward):
+            rows = self._rows_of(label, examples)
+            m = n if rows is None else len(rows)
+            if m == 0 and (isinstance(fn, GuardedReward) or rows is not None):
                 out: Any = []
             else:
+                sub = (lambda xs: xs) if rows is None else (lambda xs: [xs[i] for i in rows])
                 try:
-                    out = fn(prompts=prompts, completions=completions, **cols)
+                    out = fn(prompts=sub(list(prompts)), completions=sub(list(completions)), **{k: sub(v) for k, v in cols.items()})
                 except TrainingError:
                     raise
                 except Exception as e:  # noqa: BLE001 - a built-in misused (e.g. no 'answer' column)
                     raise TrainingError(f"reward {label} raised {describe_exception(e)}") from None
             try:
-                raw = coerce_rewards(out, n)
+                raw = coerce_rewards(out, m)
             except RewardContractError as e:
                 raise TrainingError(f"reward {label} {e}") from None
+            if rows is not None:  # rows of other domains: this function's term is left out (None)
+                full: list[Any] = [None] * n
+                for i, v in zip(rows, raw):
+                    full[i] = v
+                raw = full
             bad = [v for v in raw if v is not None and not (math.isfinite(v) and abs(v) <= FLOAT32_MAX)]
             if bad:
                 self._warn_range(
@@ -184,7 +236,7 @@ class RewardScorer:
                 [math.nan if v is None or not (math.isfinite(v) and abs(v) <= FLOAT32_MAX) else v for v in raw],
                 dtype=torch.float64,
             )
-            invalid = int(torch.isnan(vals).sum())
+            invalid = int(torch.isnan(vals).sum()) - (n - m)  # other domains' rows are not this function's failures
             nones += invalid
             per_fn.append((label, invalid))
             finite = vals[torch.isfinite(vals)]
@@ -204,10 +256,21 @@ class RewardScorer:
                 f"{int(over.sum())} of {n} completions: they count as invalid (left out of the loss); "
                 "check reward.weights",
             )
+        if self.by_domain is not None:  # the reward per domain, as counters that add up across ranks
+            for domain in sorted({str(e.domain) for e in examples}):
+                rows_d = torch.tensor([str(e.domain) == domain for e in examples], dtype=torch.bool)
+                got = total[rows_d]
+                got = got[torch.isfinite(got)]
+                metrics[f"rewards/domain/{domain}/sum"] = float(got.sum())
+                metrics[f"rewards/domain/{domain}/count"] = float(got.numel())
         errors = timeouts = 0
         streak_update: dict[str, dict[str, int]] = {}
         for i, fn in enumerate(self.funcs):
             snap = self._snapshot(fn)
+            for k in ("judge_errors", "judge_timeouts", "cache_hits", "requests"):
+                if k in snap:  # the judge's own counters
+                    name_k = k if k.startswith("judge_") else f"judge_{k}"
+                    metrics[f"rewards/{name_k}"] = metrics.get(f"rewards/{name_k}", 0.0) + snap[k] - self._last[i].get(k, 0)
             e = snap.get("errors", 0) - self._last[i].get("errors", 0)
             t = snap.get("timeouts", 0) - self._last[i].get("timeouts", 0)
             errors += e
