@@ -45,7 +45,7 @@ CHOICE_INSTRUCTION = (
 LETTERS = "ABCDEFGHIJ"
 """Option letters; the default letters of :data:`~repo_rl.rewards.choice_reward`."""
 
-KINDS = ("math", "choice")
+KINDS = ("math", "choice", "judge")
 """How an item is scored: ``math`` (:class:`~repo_rl.rewards.MathReward`) or ``choice`` (option letter)."""
 
 # data_source substrings of multiple-choice sets (verl rows are scored by letter when one matches).
@@ -72,7 +72,7 @@ class EvalItem:
     gold: str
     """Reference for the verifier: a LaTeX answer (math) or an option letter (choice)."""
     kind: str
-    """``math`` or ``choice``."""
+    """``math``, ``choice`` or ``judge`` (an open answer scored by the judge reward)."""
     domain: Optional[str] = None
     options: Optional[list[str]] = None
     gold_text: Optional[str] = None
@@ -266,7 +266,8 @@ def _plain_item(
         if letter is None:
             raise DataError(f"{where}: answer {gold!r} is not an option letter (A-J), which multiple choice scoring needs")
         gold = letter
-    prompt = with_instruction(ex.prompt, math_instruction if kind == "math" else choice_instruction)
+    instruction = {"math": math_instruction, "choice": choice_instruction}.get(kind)  # judge: the prompt as it is
+    prompt = with_instruction(ex.prompt, instruction) if instruction else ex.prompt
     return EvalItem(index=index, id=ex.id, prompt=prompt, gold=gold, kind=kind, domain=ex.domain)
 
 
@@ -284,13 +285,13 @@ def load_benchmark(
 ) -> Benchmark:
     """Read ``source``, detect its layout and build the items. Raises UserError naming the row."""
     if kind not in ("auto",) + KINDS:
-        raise UserError(f"--kind {kind}: expected auto, math or choice")
+        raise UserError(f"--kind {kind}: expected auto, math, choice or judge")
     rows = read_rows(source, split)
     if not rows:
         raise UserError(f"{source}: no rows")
     layout = detect_layout(rows[0][1], source, fields)
-    if layout.multiple_choice and kind == "math":
-        raise UserError(f"{source}: --kind math does not apply to the multiple-choice layout {layout.name}")
+    if layout.multiple_choice and kind in ("math", "judge"):
+        raise UserError(f"{source}: --kind {kind} does not apply to the multiple-choice layout {layout.name}")
     if limit is not None:
         rows = rows[:limit]
     items = []

@@ -75,7 +75,15 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1 ...")
     p.add_argument("--field", action="append", metavar="KEY=COLUMN",
                    help=f"column mapping, KEY in {', '.join(FIELD_KEYS)} (dots reach nested fields); repeatable")
-    p.add_argument("--kind", choices=("auto", "math", "choice"), default="auto",
+    p.add_argument("--judge-url", help="--kind judge: the judge server's OpenAI-compatible root, e.g. http://host:8000/v1")
+    p.add_argument("--judge-model", help="--kind judge: the model name the judge server serves")
+    p.add_argument("--judge-api-key-env", default="OPENAI_API_KEY", help="--kind judge: environment variable with the API key")
+    p.add_argument("--judge-template-file", help="--kind judge: prompt template file ({question}, {reference}, {answer})")
+    p.add_argument("--judge-verdict", choices=("yes_no", "score"), default="yes_no", help="--kind judge: how replies are read")
+    p.add_argument("--judge-concurrency", type=int, default=16, help="--kind judge: requests in flight (default 16)")
+    p.add_argument("--judge-timeout", type=float, default=60.0, help="--kind judge: seconds per request (default 60)")
+    p.add_argument("--judge-cache", default="~/.cache/repo_rl/judge.sqlite", help="--kind judge: verdict cache file ('' : off)")
+    p.add_argument("--kind", choices=("auto", "math", "choice", "judge"), default="auto",
                    help="scoring: math (math-verify) or choice (option letter); auto follows the layout")
     p.add_argument("--split", default="test", help="split of a datasets name (default test)")
     p.add_argument("--system-prompt", help="system message for text prompts (with a chat template)")
@@ -145,6 +153,21 @@ def load_benchmarks(args: argparse.Namespace, fields: dict[str, str]) -> list[Be
     return benches
 
 
+def make_judge(args: argparse.Namespace) -> Any:
+    """The judge reward of ``--kind judge``, checked against its server."""
+    from ..rewards.judge import JudgeReward
+
+    if not args.judge_url or not args.judge_model:
+        raise UserError("--kind judge: needs --judge-url and --judge-model (an OpenAI-compatible server, e.g. `vllm serve MODEL`)")
+    if args.judge_concurrency < 1 or not 0 < args.judge_timeout < float("inf"):
+        raise UserError("--judge-concurrency must be >= 1 and --judge-timeout a number of seconds > 0")
+    judge = JudgeReward(args.judge_url, args.judge_model, api_key_env=args.judge_api_key_env or None,
+                        template_file=args.judge_template_file, verdict=args.judge_verdict, concurrency=args.judge_concurrency,
+                        timeout=args.judge_timeout, cache=args.judge_cache or None)
+    judge.check()
+    return judge
+
+
 def run_eval_command(args: argparse.Namespace) -> int:
     """Run ``repo-rl eval``: load every benchmark, then the model, evaluate, write JSON and print a table."""
     t_start = time.perf_counter()
@@ -153,6 +176,7 @@ def run_eval_command(args: argparse.Namespace) -> int:
     seed = int(args.seed)
     backend = getattr(args, "backend", "hf")
     benches = load_benchmarks(args, fields)  # data first: a bad file fails before a model is loaded
+    judge = make_judge(args) if args.kind == "judge" else None  # a judge that is down fails before the model loads too
     out = output_path(args)
 
     import torch
@@ -186,7 +210,7 @@ def run_eval_command(args: argparse.Namespace) -> int:
     if args.temperature == 0 and args.n > 1:
         print(f"note: --temperature 0 is greedy decoding; the {args.n} samples of an item are identical", file=sys.stderr)
     math_reward = make_math_reward(timeout=args.verifier_timeout, num_workers=args.verifier_workers)
-    rewards = {"math": math_reward, "choice": choice_reward}
+    rewards = {"math": math_reward, "choice": choice_reward, "judge": judge}
 
     report: dict[str, Any] = {
         "repo_rl_version": __version__,

@@ -82,7 +82,11 @@ def score(items: Sequence[EvalItem], texts: Sequence[Sequence[str]], rewards: di
         where = [(i, j) for i, it in enumerate(items) if it.kind == kind for j in range(len(texts[i]))]
         if not where:
             continue
-        outcomes = rewards[kind].outcomes([texts[i][j] for i, j in where], [items[i].gold for i, _ in where])
+        args = ([texts[i][j] for i, j in where], [items[i].gold for i, _ in where])
+        if kind == "judge":  # the judge reads the question too
+            outcomes = rewards[kind].outcomes(*args, prompts=[items[i].prompt for i, _ in where])
+        else:
+            outcomes = rewards[kind].outcomes(*args)
         for (i, j), o in zip(where, outcomes):
             out[i][j] = o
     return out
