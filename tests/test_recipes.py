@@ -20,7 +20,7 @@ def test_recipe_validates(path):
     assert cfg.repo.num_replace < cfg.algorithm.num_generations
 
 
-@pytest.mark.parametrize("name", ["qwen2.5-math-7b_openr1.yaml", "qwen3-8b_supergpqa.yaml"])
+@pytest.mark.parametrize("name", ["qwen2.5-math-7b_openr1.yaml", "qwen3-8b_supergpqa.yaml", "qwen3-8b_finance_mixed.yaml"])
 def test_paper_recipes_match_the_reported_setup(name):
     cfg = load_config(ROOT / "configs" / "paper" / name)
     # PAPER.md: verl, G = 8, batch 512, learning rate 1e-6.
@@ -45,3 +45,12 @@ def test_example_data_referenced_by_recipes_exists():
         for f in files:
             if f.startswith("examples/"):
                 assert (ROOT / f).is_file(), (path, f)
+
+
+def test_finance_recipe_routes_every_domain_of_its_example_data():
+    import json
+
+    cfg = load_config(ROOT / "configs" / "paper" / "qwen3-8b_finance_mixed.yaml")
+    domains = {json.loads(line)["domain"] for line in (ROOT / cfg.data.train_files).read_text().splitlines()}
+    assert domains == set(cfg.reward.by_domain) == {"math", "mcq", "finance"}
+    assert cfg.reward.by_domain["finance"] == ["judge"] and cfg.reward.judge.api_key_env == "JUDGE_API_KEY"
