@@ -1,4 +1,5 @@
-"""Generation behind a small protocol, so other engines (vLLM) can slot in later.
+"""Generation behind a small protocol and one engine factory (:func:`make_generator`): the built-in HF
+sampler here, vLLM in :mod:`repo_rl.engines.vllm`.
 
 :class:`HFGenerator` is a KV-cached sampling loop over any Hugging Face causal LM. Each
 row carries its own seed, so a sample depends only on ``(seed, prompt)`` and not on the
