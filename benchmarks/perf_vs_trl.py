@@ -510,11 +510,13 @@ def worker_main(role: str, spec_path: str, ctl: str) -> int:
     rfd, wfd = (int(x) for x in ctl.split(","))
     chan = Chan(rfd, wfd)
     spec = json.loads(Path(spec_path).read_text())
+    return run_reporting(chan, lambda: worker_trl(spec, chan) if role == "trl" else worker_ours(role, spec, chan))
+
+
+def run_reporting(chan, body) -> int:
+    """Run a worker's ``body()``; an exception is printed and sent to the parent, then exit code 1."""
     try:
-        if role == "trl":
-            worker_trl(spec, chan)
-        else:
-            worker_ours(role, spec, chan)
+        body()
     except BaseException as e:  # report, then die
         import traceback
 
@@ -537,6 +539,9 @@ class WorkerError(RuntimeError):
 
 
 class Worker:
+    SCRIPT = Path(__file__).resolve()
+    """The script whose ``--worker`` entry point the subprocess runs (a subclass may name another)."""
+
     def __init__(self, role: str, spec_path: Path, log_path: Path, threads: int) -> None:
         self.role = role
         self.log_path = log_path
@@ -554,7 +559,7 @@ class Worker:
         })
         self._log = open(log_path, "w")
         self.proc = subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), "--worker", role, "--spec", str(spec_path), "--ctl", f"{p2c_r},{c2p_w}"],
+            [sys.executable, str(self.SCRIPT), "--worker", role, "--spec", str(spec_path), "--ctl", f"{p2c_r},{c2p_w}"],
             pass_fds=(p2c_r, c2p_w), stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT),
         )
         os.close(p2c_r)
