@@ -51,3 +51,11 @@ def test_evaluation_docs_name_the_real_checkpoint_layout():
     assert 'f"step-{step}"' in src  # step-N, no zero padding, weights at the top of the directory
     for name, rest in paths:
         assert not name.startswith("step-0") and rest in ("", "/"), (name, rest)
+
+
+def test_the_toy_report_puts_table_and_curves_on_the_same_items_and_says_how_they_differ(tmp_path, capsys):
+    out = tmp_path / "toy"
+    assert main(["train", "-o", str(out), "train.max_steps=1", "eval.every=1", "eval.max_items=6", "train.save_every=1"]) == 0
+    report = (out / "report.md").read_text()
+    assert "Accuracy before and after training" in report
+    assert "greedy decoding on 6 items per split" in report and "first 6 items" in report and "so the two can differ" in report
