@@ -84,6 +84,19 @@ def test_same_seed_same_sample_across_calls_and_batches(engine):
     assert c != a  # another seed, another sample
 
 
+def test_seeded_batches_beyond_one_step_token_budget_keep_their_samples(engine):
+    """More prompt tokens than vLLM's default step budget (4096), every row seeded: with chunked
+    prefill on CPU the partly prefilled row's seeded generator was rewound and the engine died
+    ("CPU Generator does not use offset"). The samples must still not depend on the batch."""
+    gen, _, tok, _ = engine
+    long = tok("a b c d e f g h i j " * 6, add_special_tokens=False)["input_ids"]  # 120 tokens
+    rows = [long[: 100 + i % 20] for i in range(48)]  # about 5,200 prompt tokens
+    params = SamplingParams(4, temperature=1.0)
+    out = gen.generate(rows, params, list(range(48)))
+    assert len(out) == 48 and all(len(o) >= 1 for o in out)
+    assert gen.generate(rows[7:9], params, [7, 8]) == out[7:9]
+
+
 def test_sampled_token_logprobs_are_at_the_sampling_temperature(engine):
     gen, model, _, prompts = engine
     T = 0.7

@@ -134,7 +134,15 @@ class VLLMGenerator:
         )
         if max_model_len:
             kwargs["max_model_len"] = int(max_model_len)
-        if not on_cpu:
+        if on_cpu:
+            # Chunked prefill splits a prompt across engine steps and then rewinds the per-request
+            # seeded generator of the partial one, which CPU generators cannot do ("CPU Generator
+            # does not use offset"): a batch of seeded rows over the token budget killed the engine.
+            # Whole prompts per step instead, with a budget that holds the longest sequence.
+            ctx = int(max_model_len or getattr(config, "max_position_embeddings", 0) or 8192)
+            kwargs["enable_chunked_prefill"] = False
+            kwargs["max_num_batched_tokens"] = max(ctx, 8192)
+        else:
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
             kwargs["enable_sleep_mode"] = enable_sleep_mode
         self.llm = LLM(**kwargs)
