@@ -44,10 +44,7 @@ def counter_metrics(c: dict[str, float]) -> dict[str, float]:
     ratio = lambda a, b: c[a] / c[b] if c.get(b) else float("nan")  # noqa: E731
     m: dict[str, float] = {}
     for key in sorted(c):
-        if key.startswith("rewards/domain/") and key.endswith("/count"):  # reward.by_domain: the mean reward per domain
-            base = key[: -len("/count")]
-            m["reward/domain/" + base[len("rewards/domain/"):]] = ratio(f"{base}/sum", key)
-        elif key.startswith("rewards/") and key.endswith("/count"):
+        if key.startswith("rewards/") and key.endswith("/count"):
             base = key[: -len("/count")]
             m[f"{base}/mean"] = ratio(f"{base}/sum", key)
         elif key.startswith("rewards/judge_"):

@@ -9,7 +9,8 @@ It answers ``GET /v1/models`` and ``POST /v1/chat/completions``. Its ``mode`` sa
 - ``fail``: HTTP 500; ``fail_first:K``: HTTP 503 for the first K requests, then ``match``;
 - ``slow:S``: sleep S seconds, then ``match``.
 
-Every request is recorded (path, headers, JSON body) in :attr:`JudgeServer.requests`.
+Every request is recorded (path, headers, JSON body) in :attr:`JudgeServer.requests`; in ``slow``
+mode :attr:`JudgeServer.max_in_flight` is the most requests it held at once.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ class JudgeServer:
         self.model, self.mode, self.key = model, mode, key
         self.requests: list[dict[str, Any]] = []
         self.lock = threading.Lock()
+        self.in_flight = self.max_in_flight = 0
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -72,7 +74,12 @@ class JudgeServer:
                 if mode == "fail_first" and count <= int(arg):
                     return self._send(503, {"error": "busy"})
                 if mode == "slow":
+                    with outer.lock:
+                        outer.in_flight += 1
+                        outer.max_in_flight = max(outer.max_in_flight, outer.in_flight)
                     time.sleep(float(arg))
+                    with outer.lock:
+                        outer.in_flight -= 1
                 text = body["messages"][-1]["content"]
                 if mode == "yes":
                     reply = "YES"

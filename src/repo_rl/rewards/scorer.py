@@ -256,13 +256,6 @@ class RewardScorer:
                 f"{int(over.sum())} of {n} completions: they count as invalid (left out of the loss); "
                 "check reward.weights",
             )
-        if self.by_domain is not None:  # the reward per domain, as counters that add up across ranks
-            for domain in sorted({str(e.domain) for e in examples}):
-                rows_d = torch.tensor([str(e.domain) == domain for e in examples], dtype=torch.bool)
-                got = total[rows_d]
-                got = got[torch.isfinite(got)]
-                metrics[f"rewards/domain/{domain}/sum"] = float(got.sum())
-                metrics[f"rewards/domain/{domain}/count"] = float(got.numel())
         errors = timeouts = 0
         streak_update: dict[str, dict[str, int]] = {}
         for i, fn in enumerate(self.funcs):
