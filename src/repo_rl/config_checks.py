@@ -12,6 +12,12 @@ if TYPE_CHECKING:
     from .config import Config
 
 
+def check(cond: bool, key: str, expected: str, value: Any) -> None:
+    """A :class:`ConfigError` ``"<key>: expected <expected>, got <value>"`` unless ``cond``."""
+    if not cond:
+        raise ConfigError(f"{key}: expected {expected}, got {value!r}")
+
+
 def validate(cfg: Config) -> None:
     """Check ranges and combinations. Raises ConfigError naming the key."""
     from .algorithms.methods import METHODS  # local import: registry depends on nothing here
@@ -23,10 +29,6 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"algorithm.method: unknown method {a.method!r}{hint}; expected one of {', '.join(METHODS)}"
         )
-
-    def check(cond: bool, key: str, expected: str, value: Any) -> None:
-        if not cond:
-            raise ConfigError(f"{key}: expected {expected}, got {value!r}")
 
     lo = cfg.model.lora
     check(lo.r >= 0, "model.lora.r", "an integer >= 0 (0: off)", lo.r)
@@ -139,31 +141,26 @@ def validate(cfg: Config) -> None:
         raise ConfigError("data.train_files: expected at least one file")
 
 
-def _expect(cond: bool, key: str, expected: str, value: Any) -> None:
-    if not cond:
-        raise ConfigError(f"{key}: expected {expected}, got {value!r}")
-
-
 def _check_routing_and_judge(cfg: Config) -> None:
     rw = cfg.reward
     if rw.by_domain is not None:
-        _expect(len(rw.by_domain) >= 1, "reward.by_domain", "a mapping of at least one domain to reward.funcs entries, or null", rw.by_domain)
+        check(len(rw.by_domain) >= 1, "reward.by_domain", "a mapping of at least one domain to reward.funcs entries, or null", rw.by_domain)
         names = set(rw.funcs)
         for domain, funcs in rw.by_domain.items():
             unknown = [f for f in funcs if f not in names]
-            _expect(bool(funcs) and not unknown, f"reward.by_domain.{domain}",
+            check(bool(funcs) and not unknown, f"reward.by_domain.{domain}",
                   f"a non-empty list of reward.funcs entries ({', '.join(rw.funcs)})", funcs)
         used = {f for funcs in rw.by_domain.values() for f in funcs}
         unused = [f for f in rw.funcs if f not in used]
-        _expect(not unused, "reward.funcs", "only functions some reward.by_domain entry routes to", unused)
+        check(not unused, "reward.funcs", "only functions some reward.by_domain entry routes to", unused)
     if "judge" in rw.funcs:
         j = rw.judge
-        _expect(bool(j.model.strip()), "reward.judge.model", "the model name the judge server serves", j.model)
-        _expect(j.base_url.startswith(("http://", "https://")), "reward.judge.base_url", "an http:// or https:// URL", j.base_url)
-        _expect(j.concurrency >= 1, "reward.judge.concurrency", "an integer >= 1", j.concurrency)
-        _expect(0 < j.timeout < float("inf"), "reward.judge.timeout", "a finite number of seconds > 0", j.timeout)
-        _expect(j.retries >= 0, "reward.judge.retries", "an integer >= 0", j.retries)
-        _expect(j.backoff >= 0, "reward.judge.backoff", "a number of seconds >= 0", j.backoff)
-        _expect(j.max_tokens >= 1, "reward.judge.max_tokens", "an integer >= 1", j.max_tokens)
-        _expect(j.max_score > 0, "reward.judge.max_score", "a number > 0", j.max_score)
-        _expect(j.max_answer_chars >= 1, "reward.judge.max_answer_chars", "an integer >= 1", j.max_answer_chars)
+        check(bool(j.model.strip()), "reward.judge.model", "the model name the judge server serves", j.model)
+        check(j.base_url.startswith(("http://", "https://")), "reward.judge.base_url", "an http:// or https:// URL", j.base_url)
+        check(j.concurrency >= 1, "reward.judge.concurrency", "an integer >= 1", j.concurrency)
+        check(0 < j.timeout < float("inf"), "reward.judge.timeout", "a finite number of seconds > 0", j.timeout)
+        check(j.retries >= 0, "reward.judge.retries", "an integer >= 0", j.retries)
+        check(j.backoff >= 0, "reward.judge.backoff", "a number of seconds >= 0", j.backoff)
+        check(j.max_tokens >= 1, "reward.judge.max_tokens", "an integer >= 1", j.max_tokens)
+        check(j.max_score > 0, "reward.judge.max_score", "a number > 0", j.max_score)
+        check(j.max_answer_chars >= 1, "reward.judge.max_answer_chars", "an integer >= 1", j.max_answer_chars)
