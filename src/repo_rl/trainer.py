@@ -344,7 +344,7 @@ class Trainer:
         """:func:`~repo_rl.health.exploded` after an update (the norm of a good step becomes the
         next reference); not checked when the weights are sharded."""
         limit = self.cfg.train.max_weight_growth
-        if limit is None or self.dist.fsdp is not None or self.dist.engine is not None:
+        if limit is None or self.dist.sharded:
             return False
         norm = weight_norm(self.model)
         if exploded(norm, self.run.good_weight_norm, limit):
@@ -473,8 +473,7 @@ class Trainer:
                     due = (t.save_every and self.step % t.save_every == 0) or self.step == t.max_steps
                     requested = max(self.dist.gather(signals.requested or 0))  # every rank stops at the same step
                     if (due or requested) and self.step != last_saved:
-                        sharded = self.dist.fsdp is not None or self.dist.engine is not None
-                        if self.run.bad_steps_consecutive == 0 and (sharded or weights_finite(self.model)):
+                        if self.run.bad_steps_consecutive == 0 and (self.dist.sharded or weights_finite(self.model)):
                             self._save()
                             last_saved = self.step
                         elif self.dist.is_main:
