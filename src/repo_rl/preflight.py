@@ -52,8 +52,8 @@ def check_prompt_lengths(
     (``max_position_embeddings``) for ``algorithm.max_completion_length`` new tokens.
     A huge text is refused from a prefix, without tokenizing all of it."""
     limit = cfg.data.max_prompt_length
-    ctx = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    room = ctx - cfg.algorithm.max_completion_length if isinstance(ctx, int) and ctx > 0 else None
+    ctx = _context_length(model)
+    room = ctx - cfg.algorithm.max_completion_length if ctx is not None else None
     if room is not None and room < 1:
         raise UserError(
             f"algorithm.max_completion_length={cfg.algorithm.max_completion_length}: leaves no room for a prompt in the "
@@ -62,9 +62,7 @@ def check_prompt_lengths(
     bound = min(x for x in (limit, room) if x is not None) if (limit or room) else None
     for i, ex in enumerate(examples):
         if bound is not None:
-            text = renderer.text(ex.prompt)
-            cut = 64 * (bound + 1)  # no tokenizer packs 64 characters into one token
-            if len(text) > cut and len(tokenizer(text[:cut], add_special_tokens=False)["input_ids"]) > bound:
+            if _prefix_exceeds(tokenizer, renderer.text(ex.prompt), bound):
                 raise UserError(_too_long(cfg, ex, f"more than {bound}", limit, room, ctx))
         n_ids = len(prompt_ids(i))
         if n_ids == 0:
@@ -82,15 +80,26 @@ def _too_long(cfg: Config, ex: Example, n: str, limit: Optional[int], room: Opti
     )
 
 
+def _context_length(model: Any) -> Optional[int]:
+    """The model's context (``max_position_embeddings``), or None when it does not say."""
+    ctx = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return ctx if isinstance(ctx, int) and ctx > 0 else None
+
+
+def _prefix_exceeds(tokenizer: Any, text: str, bound: int) -> bool:
+    """A huge text is over ``bound`` tokens when a prefix of ``64 x (bound + 1)`` characters already
+    is (no tokenizer packs 64 characters into one token), found without tokenizing all of it."""
+    cut = 64 * (bound + 1)
+    return len(text) > cut and len(tokenizer(text[:cut], add_special_tokens=False)["input_ids"]) > bound
+
+
 def check_rephrase_lengths(cfg: Config, method: alg.Method, examples: list[Example], renderer: Any, tokenizer: Any, model: Any) -> None:
     """Rephrase prompts P(q, k) (question + expert solution) must fit the model's context with room
     for ``repo.max_new_tokens`` (or the completion limit), like training prompts: a huge solution
     is refused at start instead of slowing every step that rephrases it."""
     specs = [alg.METHODS[p] for p in method.phases] if method.phases else [method]
-    if not any(getattr(s, "rephrases", False) for s in specs):
-        return
-    ctx = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    if not (isinstance(ctx, int) and ctx > 0):
+    ctx = _context_length(model)
+    if ctx is None or not any(getattr(s, "rephrases", False) for s in specs):
         return
     new = cfg.repo.max_new_tokens or cfg.algorithm.max_completion_length
     room = ctx - new
@@ -98,13 +107,11 @@ def check_rephrase_lengths(cfg: Config, method: alg.Method, examples: list[Examp
         if ex.solution is None:
             continue
         text = renderer.text(renderer.rephrase_prompt(ex, cfg.repo.rephrase_template))
-        cut = 64 * (room + 1)
-        n = len(tokenizer(text[:cut], add_special_tokens=False)["input_ids"]) if len(text) > cut else None
-        if n is None:
-            n = len(renderer.ids(renderer.rephrase_prompt(ex, cfg.repo.rephrase_template)))
-        if n > room:
+        over = _prefix_exceeds(tokenizer, text, room)
+        n = 0 if over else len(renderer.encode(text))
+        if over or n > room:
             raise UserError(
                 f"{ex.id}: the rephrase prompt (question + expert solution, repo.rephrase_template) has "
-                f"{'more than ' + str(room) if len(text) > cut else n} tokens; with {new} new tokens it does not fit the model's "
+                f"{f'more than {room}' if over else n} tokens; with {new} new tokens it does not fit the model's "
                 f"context of {ctx} tokens; shorten that solution or leave it out of data.fields.solution"
             )

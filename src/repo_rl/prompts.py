@@ -41,7 +41,10 @@ class PromptRenderer:
         return "\n\n".join(m["content"] for m in prompt)
 
     def ids(self, prompt: Prompt) -> list[int]:
-        text = self.text(prompt)
+        return self.encode(self.text(prompt))
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of a rendered prompt text (:meth:`text`)."""
         # A chat template already contains the BOS token where the model wants one.
         return list(self.tokenizer(text, add_special_tokens=not self.use_chat)["input_ids"])
 
