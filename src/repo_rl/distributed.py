@@ -239,7 +239,7 @@ class Dist:
 
     def all_reduce_grads(self, params: Iterable[torch.nn.Parameter]) -> None:
         """Sum gradients over ranks in one flat buffer (FSDP and DeepSpeed reduce their own)."""
-        if self.world == 1 or self.fsdp is not None or self.deepspeed is not None:
+        if self.world == 1 or self.sharded:
             return
         params = [p for p in params if p.requires_grad]
         for p in params:  # every rank must contribute a buffer of the same layout
