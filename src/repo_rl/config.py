@@ -195,6 +195,16 @@ class BaselinesConfig:
     """LUFFY: take the group mean/std from on-policy rollouts only."""
     sft_steps: Optional[int] = None
     """sft_then_grpo: steps of SFT before GRPO (None: half of train.max_steps)."""
+    sdft_template: Optional[str] = None
+    """sdft: the teacher's context P(q, k), a format string with ``{question}`` and ``{solution}``
+    (None: repo.rephrase_template, the context RePO rephrases from, so the two methods differ only
+    in what they do with it)."""
+    sdft_teacher: Literal["live", "initial"] = "live"
+    """sdft: the teacher's weights, ``live`` (the current policy, stop-gradient) or ``initial`` (the
+    starting model, TRL's ``teacher_model_kind=base``; a second copy of the model unless LoRA)."""
+    sdft_is_clip: Optional[float] = 2.0
+    """sdft: cap of the importance ratio pi / pi_old that weights the loss (TRL's
+    ``distillation_is_clip``; it is 1 unless algorithm.num_iterations > 1). null: no ratio."""
 
 
 @dataclass

@@ -18,6 +18,19 @@ def check(cond: bool, key: str, expected: str, value: Any) -> None:
         raise ConfigError(f"{key}: expected {expected}, got {value!r}")
 
 
+def check_template(template: str, key: str) -> None:
+    """``template`` is a format string with ``{question}`` and ``{solution}`` and no other field."""
+    for name in ("{question}", "{solution}"):
+        check(name in template, key, f"a format string containing {name}", template[:40] + "...")
+    try:
+        template.format(question="q", solution="s")
+    except (KeyError, IndexError, ValueError) as e:
+        raise ConfigError(
+            f"{key}: expected a format string with only {{question}} and {{solution}} "
+            f"(escape literal braces as {{{{ }}}}), failed with {e!r}"
+        ) from None
+
+
 def validate(cfg: Config) -> None:
     """Check ranges and combinations. Raises ConfigError naming the key."""
     from .algorithms.methods import METHODS  # local import: registry depends on nothing here
@@ -64,15 +77,11 @@ def validate(cfg: Config) -> None:
         check(0 < r.top_p <= 1, "repo.top_p", "a number in (0, 1]", r.top_p)
     if r.max_new_tokens is not None:
         check(r.max_new_tokens >= 1, "repo.max_new_tokens", "a positive integer", r.max_new_tokens)
-    for name in ("{question}", "{solution}"):
-        check(name in r.rephrase_template, "repo.rephrase_template", f"a format string containing {name}", r.rephrase_template[:40] + "...")
-    try:
-        r.rephrase_template.format(question="q", solution="s")
-    except (KeyError, IndexError, ValueError) as e:
-        raise ConfigError(
-            f"repo.rephrase_template: expected a format string with only {{question}} and {{solution}} "
-            f"(escape literal braces as {{{{ }}}}), failed with {e!r}"
-        ) from None
+    check_template(r.rephrase_template, "repo.rephrase_template")
+    if cfg.baselines.sdft_template is not None:
+        check_template(cfg.baselines.sdft_template, "baselines.sdft_template")
+    if cfg.baselines.sdft_is_clip is not None:
+        check(cfg.baselines.sdft_is_clip > 0, "baselines.sdft_is_clip", "a number > 0 or null", cfg.baselines.sdft_is_clip)
     import re
 
     for i, pat in enumerate(r.strip_patterns):

@@ -94,24 +94,34 @@ def _prefix_exceeds(tokenizer: Any, text: str, bound: int) -> bool:
 
 
 def check_rephrase_lengths(cfg: Config, method: alg.Method, examples: list[Example], renderer: Any, tokenizer: Any, model: Any) -> None:
-    """Rephrase prompts P(q, k) (question + expert solution) must fit the model's context with room
-    for ``repo.max_new_tokens`` (or the completion limit), like training prompts: a huge solution
-    is refused at start instead of slowing every step that rephrases it."""
+    """Prompts P(q, k) (question + expert solution) must fit the model's context with room for the
+    tokens that follow them, like training prompts: RePO's rephrase prompts (``repo.rephrase_template``,
+    ``repo.max_new_tokens`` new tokens) and SDFT's teacher prompts (``baselines.sdft_template``, a
+    completion). A huge solution is refused at start instead of slowing every step that uses it."""
     specs = [alg.METHODS[p] for p in method.phases] if method.phases else [method]
     ctx = _context_length(model)
-    if ctx is None or not any(getattr(s, "rephrases", False) for s in specs):
+    if ctx is None:
         return
-    new = cfg.repo.max_new_tokens or cfg.algorithm.max_completion_length
-    room = ctx - new
-    for ex in examples:
-        if ex.solution is None:
-            continue
-        text = renderer.text(renderer.rephrase_prompt(ex, cfg.repo.rephrase_template))
-        over = _prefix_exceeds(tokenizer, text, room)
-        n = 0 if over else len(renderer.encode(text))
-        if over or n > room:
-            raise UserError(
-                f"{ex.id}: the rephrase prompt (question + expert solution, repo.rephrase_template) has "
-                f"{f'more than {room}' if over else n} tokens; with {new} new tokens it does not fit the model's "
-                f"context of {ctx} tokens; shorten that solution or leave it out of data.fields.solution"
-            )
+    uses = []
+    if any(s.rephrases for s in specs):
+        uses.append(("rephrase prompt", "repo.rephrase_template", cfg.repo.rephrase_template,
+                     cfg.repo.max_new_tokens or cfg.algorithm.max_completion_length))
+    if any(s.teacher for s in specs):
+        key = "baselines.sdft_template" if cfg.baselines.sdft_template else "repo.rephrase_template"
+        uses.append(("SDFT teacher prompt", key, cfg.baselines.sdft_template or cfg.repo.rephrase_template,
+                     cfg.algorithm.max_completion_length))
+    for what, key, template, new in uses:
+        room = ctx - new
+        for ex in examples:
+            if ex.solution is None:
+                continue
+            text = renderer.text(renderer.rephrase_prompt(ex, template))
+            over = _prefix_exceeds(tokenizer, text, room)
+            n = 0 if over else len(renderer.encode(text))
+            if over or n > room:
+                raise UserError(
+                    f"{ex.id}: the {what} (question + expert solution, {key}) has "
+                    f"{f'more than {room}' if over else n} tokens; with {new} new tokens it does not fit the model's "
+                    f"context of {ctx} tokens; shorten that solution or leave it out of data.fields.solution"
+                )
+

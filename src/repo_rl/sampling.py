@@ -121,8 +121,18 @@ class StepSampler:
                 for i, n in enumerate(eligible)
             }
             rows, comps = rows[:base], comps[:base]
-        seqs = [Sequence_(r, c, self.is_truncated(c, params.max_new_tokens)) for r, c in zip(rows, comps)]
+        teachers = [self.teacher_prompt_ids(e) if method.teacher else None for e in examples]
+        seqs = [Sequence_(r, c, self.is_truncated(c, params.max_new_tokens), method.rollout_kind, teachers[i // G])
+                for i, (r, c) in enumerate(zip(rows, comps))]
         return Rollouts(seqs, [self.decode(c) for c in comps], pool, batching)
+
+    def teacher_prompt_ids(self, example: Example) -> Optional[list[int]]:
+        """SDFT's teacher prompt P(q, k) (``baselines.sdft_template``, else ``repo.rephrase_template``);
+        None for a prompt without an expert solution, whose rollouts then get no distillation signal."""
+        if example.solution is None:
+            return None
+        template = self.cfg.baselines.sdft_template or self.cfg.repo.rephrase_template
+        return self.renderer.ids(self.renderer.rephrase_prompt(example, template))
 
     def sft_group(self, examples: list[Example], dataset_index: list[int]) -> Group:
         """Pure SFT: the expert solution of each prompt under q, no rollouts."""

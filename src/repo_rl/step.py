@@ -25,6 +25,8 @@ class Sequence_:
     truncated: bool
     kind: int = alg.KIND_POLICY
     """Loss applied to the sequence (a registered loss id, ``algorithms.losses.KIND_*``)."""
+    teacher_prompt_ids: Optional[list[int]] = None
+    """Prompt under which a teacher scores the completion (SDFT: P(q, k)); None: no teacher."""
 
 
 RephrasePool = dict[int, list[tuple[list[int], list[int], list[float]]]]

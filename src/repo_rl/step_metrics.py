@@ -98,9 +98,12 @@ def log_line(m: dict[str, Any], max_steps: int) -> str:
         v = m.get(key)
         return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
 
+    if "sdft/reverse_kl" in m:  # a self-distillation step: no gate, no rephrases
+        method = f"reverse kl {f('sdft/reverse_kl', '.4f')}"
+    else:
+        method = f"gate {f('repo/gate_rate', '.2f')} | rephrase ok {f('repo/rephrase_success_rate', '.2f')}"
     return (f"step {m.get('step')}/{max_steps} | loss {f('loss', '.4f')} | reward {f('reward', '.3f')} | "
-            f"gate {f('repo/gate_rate', '.2f')} | rephrase ok {f('repo/rephrase_success_rate', '.2f')} | "
-            f"lr {f('learning_rate', '.2e')} | {f('time/step', '.2f')} s/step")
+            f"{method} | lr {f('learning_rate', '.2e')} | {f('time/step', '.2f')} s/step")
 
 
 def completion_records(group: Group, adv: torch.Tensor, step: int, group_size: int) -> list[dict[str, Any]]:

@@ -168,7 +168,8 @@ class Trainer:
         self.generator = make_generator(self.core, self.eos_ids, self.tokenizer.pad_token_id, cfg.generation.backend,
                                         autocast_dtype=torch.bfloat16 if gen_bf16 else None, **cfg.generation.engine_options())
         self.ref_model = None
-        if cfg.algorithm.beta > 0 and not self.lora:
+        initial_teacher = self.method.teacher and cfg.baselines.sdft_teacher == "initial"
+        if (cfg.algorithm.beta > 0 or initial_teacher) and not self.lora:
             self.ref_model = copy.deepcopy(self.model).eval()
             for p in self.ref_model.parameters():
                 p.requires_grad_(False)

@@ -2,7 +2,7 @@
 
 :class:`PolicyUpdate` owns everything between "these rows, with these advantages" and "the
 weights moved": the forward passes (policy, old policy for ``num_iterations > 1``, reference
-for ``beta > 0``), the per-row losses of :mod:`repo_rl.algorithms.losses`, gradient
+for ``beta > 0``, teacher for SDFT), the per-row losses of :mod:`repo_rl.algorithms.losses`, gradient
 accumulation with global normalisers, and the DDP / FSDP / DeepSpeed branches.
 """
 
@@ -148,6 +148,34 @@ class PolicyUpdate:
                 out[i] = logp[j, : int(mask[j].sum())].cpu()
         return out
 
+    def reference_logprobs(self, seqs: Sequence[Sequence_], rows: Sequence[int]) -> Optional[list[torch.Tensor]]:
+        """Log-probs under the initial model: the reference copy, or the base model under LoRA
+        (no second copy); None when there is neither."""
+        if self.ref_model is not None:
+            return self.logprobs(self.ref_model, seqs, rows)
+        if self.lora:
+            with self.model.disable_adapter():
+                return self.logprobs(self.core, seqs, rows)
+        return None
+
+    def teacher_logprobs(self, seqs: Sequence[Sequence_], rows: Sequence[int]) -> Optional[list[torch.Tensor]]:
+        """SDFT: log-probs of each completion under its teacher prompt (``Sequence_.teacher_prompt_ids``),
+        from the current policy or the initial model (``baselines.sdft_teacher``); None when no row
+        has a teacher. Every rank runs the pass when any rank needs it (sharded weights)."""
+        need = any(seqs[i].teacher_prompt_ids is not None for i in rows)
+        if self.dist.sharded:
+            need = bool(self.dist.max_int(int(need)))
+        if not need:
+            return None
+        with_teacher = [i for i in rows if seqs[i].teacher_prompt_ids is not None]
+        tseqs = [Sequence_(s.teacher_prompt_ids or s.prompt_ids, s.completion_ids, s.truncated, s.kind) for s in seqs]
+        if self.cfg.baselines.sdft_teacher == "initial":
+            out = self.reference_logprobs(tseqs, with_teacher)
+            if out is None:
+                raise RuntimeError("baselines.sdft_teacher=initial needs the reference model, which was not built")
+            return out
+        return self.logprobs(self.core, tseqs, with_teacher)
+
     def __call__(
         self, seqs: Sequence[Sequence_], advantages: torch.Tensor, valid: torch.Tensor, keep_logp: Sequence[int] = ()
     ) -> UpdateResult:
@@ -160,7 +188,8 @@ class PolicyUpdate:
         loss_mask_seq = valid.clone()
         if a.mask_truncated_completions:
             # Only sampled completions are masked; expert/SFT text cut to the limit still trains.
-            loss_mask_seq &= torch.tensor([not (s.truncated and s.kind == alg.KIND_POLICY) for s in seqs])
+            sampled = (alg.KIND_POLICY, alg.KIND_DISTILL)
+            loss_mask_seq &= torch.tensor([not (s.truncated and s.kind in sampled) for s in seqs])
         # Loss normalisers are totals over the global batch (all micro-batches, all ranks).
         totals = self.dist.sum_dict({
             "seq": float(loss_mask_seq.sum()),
@@ -181,16 +210,12 @@ class PolicyUpdate:
         logp_sums: dict[int, float] = {}
         keep = set(keep_logp)
         old_logps = self.logprobs(self.core, seqs, rows) if a.num_iterations > 1 else None
-        ref_logps = None
-        if self.ref_model is not None:
-            ref_logps = self.logprobs(self.ref_model, seqs, rows)
-        elif self.lora and a.beta > 0:
-            with self.model.disable_adapter():  # the reference is the base model: no second copy
-                ref_logps = self.logprobs(self.core, seqs, rows)
+        ref_logps = self.reference_logprobs(seqs, rows) if a.beta > 0 else None
+        teacher_logps = self.teacher_logprobs(seqs, rows)
         timings["logprobs"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         stats = {"loss": 0.0, "clip_low": 0.0, "clip_high": 0.0, "clip_tokens": 0.0, "kl": 0.0, "entropy": 0.0, "tokens": 0.0,
-                 "rows_not_forwarded": float(len(seqs) - len(rows))}
+                 "rows_not_forwarded": float(len(seqs) - len(rows)), "teacher_kl": 0.0, "teacher_tokens": 0.0}
         grad_norms: list[float] = []
         skipped = False
         engine = self.dist.engine
@@ -225,18 +250,28 @@ class PolicyUpdate:
                         return None
                     out = torch.zeros(len(chunk), T)
                     for j, i in enumerate(chunk):
-                        out[j, : vals[i].numel()] = vals[i]
+                        if vals[i] is not None:
+                            out[j, : vals[i].numel()] = vals[i]
                     return out.to(logp.device)
 
                 old = stack(old_logps)
                 old = logp.detach() if old is None else old
-                adv = advantages[chunk].to(logp.device, logp.dtype)
                 kinds = torch.tensor([seqs[i].kind for i in chunk], device=logp.device)
+                teacher = stack(teacher_logps)
+                if teacher is not None:
+                    # A row without a teacher prompt (no expert solution) is its own teacher: no signal.
+                    has = torch.tensor([seqs[i].teacher_prompt_ids is not None for i in chunk], device=logp.device)
+                    teacher = torch.where(has.view(-1, 1), teacher, logp.detach())
+                    if it == 0:
+                        tmask = mask * has.view(-1, 1).to(mask.dtype)
+                        stats["teacher_kl"] += float(((logp.detach() - teacher) * tmask).sum())
+                        stats["teacher_tokens"] += float(tmask.sum())
+                adv = alg.token_advantages(advantages[chunk].to(logp.device, logp.dtype), kinds, logp, teacher)
                 per_tok, parts = alg.token_loss(
                     logp, old, adv, kinds, epsilon_low=a.epsilon, epsilon_high=cfg.epsilon_high,
                     gamma=cfg.baselines.luffy_gamma, beta=a.beta, ref_logp=stack(ref_logps),
                     use_bias_correction_kl=a.use_bias_correction_kl, clip_ratio_c=a.clip_ratio_c,
-                    log_ratio_bound=a.log_ratio_bound,
+                    log_ratio_bound=a.log_ratio_bound, distill_is_clip=cfg.baselines.sdft_is_clip,
                 )
                 low, high = parts["clip_low"], parts["clip_high"]
                 if "kl" in parts and it == 0:
@@ -306,6 +341,9 @@ class PolicyUpdate:
         out["clip_ratio"] = out["clip_ratio/region_mean"]
         out["train/skipped_step"] = float(skipped)
         out["train/rows_not_forwarded"] = stats["rows_not_forwarded"]
+        if teacher_logps is not None:
+            # Sampled-token estimate of KL(pi || pi_teacher) per token, before the update.
+            out["sdft/reverse_kl"] = stats["teacher_kl"] / stats["teacher_tokens"] if stats["teacher_tokens"] else float("nan")
         return UpdateResult(out, logp_sums, skipped, timings)
 
 

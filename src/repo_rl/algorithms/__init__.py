@@ -21,6 +21,7 @@ from .losses import (
     LOSSES,
     LossOptions,
     register_loss,
+    KIND_DISTILL,
     KIND_SFT,
     KIND_SHAPED,
     aggregate,
@@ -32,12 +33,14 @@ from .losses import (
     masked_mean,
     mixed_token_loss,
     token_logprobs,
+    token_advantages,
     token_loss,
     zero_gradient_rows,
 )
 from .methods import METHODS, Method, MethodSpec, register_method
 
 __all__ = [
+    "KIND_DISTILL",
     "KIND_POLICY",
     "KIND_SFT",
     "KIND_SHAPED",
@@ -73,5 +76,6 @@ __all__ = [
     "register_method",
     "replacement_slots",
     "token_logprobs",
+    "token_advantages",
     "token_loss",
 ]

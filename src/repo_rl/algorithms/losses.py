@@ -146,6 +146,9 @@ class LossOptions:
     """LUFFY's shaping constant."""
     clip_ratio_c: float | None = None
     log_ratio_bound: float | None = None
+    distill_is_clip: float | None = 2.0
+    """Self-distillation: the importance ratio pi / pi_old that weights the loss is capped here
+    (None: no ratio), as TRL's ``distillation_is_clip``."""
 
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, LossOptions], tuple[torch.Tensor, dict[str, torch.Tensor]]]
@@ -159,19 +162,23 @@ class LossKind:
     id: int
     """Stored per training row; rows of one batch may use different losses."""
     fn: LossFn
+    advantage_weighted: bool = True
+    """The loss and its gradient are zero when the row's advantage is 0 (see :func:`zero_gradient_rows`)."""
+    teacher: bool = False
+    """The row's per-token advantages come from teacher log-probs (:func:`token_advantages`)."""
 
 
 LOSSES: dict[str, LossKind] = {}
 """Per-row losses by name (verl's ``register_policy_loss`` style); ``Method.injected_loss`` names one."""
 
 
-def register_loss(name: str) -> Callable[[LossFn], LossFn]:
-    """Decorator: register a per-token loss under ``name`` with the next free id."""
+def register_loss(name: str, *, advantage_weighted: bool = True, teacher: bool = False) -> Callable[[LossFn], LossFn]:
+    """Decorator: register a per-token loss under ``name`` with the next free id (flags: :class:`LossKind`)."""
 
     def deco(fn: LossFn) -> LossFn:
         if name in LOSSES:
             raise ValueError(f"loss {name!r} is already registered")
-        LOSSES[name] = LossKind(name, len(LOSSES), fn)
+        LOSSES[name] = LossKind(name, len(LOSSES), fn, advantage_weighted, teacher)
         return fn
 
     return deco
@@ -192,10 +199,24 @@ def shaped_loss(logp, old_logp, adv, o: LossOptions):
     return -luffy_shaping(torch.exp(logp), o.gamma) * adv, {}
 
 
-@register_loss("sft")
+@register_loss("sft", advantage_weighted=False)
 def sft_loss(logp, old_logp, adv, o: LossOptions):
     """Negative log-likelihood (HPT/ReLIFT switch, SFT); ignores the advantage."""
     return -logp, {}
+
+
+@register_loss("distill", advantage_weighted=False, teacher=True)
+def distill_loss(logp, old_logp, adv, o: LossOptions):
+    """On-policy self-distillation (SDFT): the per-token reverse KL to a stop-gradient teacher,
+    estimated on the sampled tokens, ``-A_t * log pi(y_t)`` with ``A_t = log pi_T(y_t) - log pi(y_t)``
+    (:func:`token_advantages`), times the importance ratio ``pi / pi_old`` capped at
+    ``distill_is_clip`` (stop-gradient). TRL's ``sampled_token`` mode: the value is
+    ``(log pi - log pi_T) * log pi`` and the gradient is that of KL(pi || pi_T) per token."""
+    loss = -adv * logp
+    if o.distill_is_clip is not None:
+        log_ratio = torch.clamp((logp - old_logp).detach(), -20.0, 20.0)
+        loss = loss * torch.exp(log_ratio).clamp(max=o.distill_is_clip)
+    return loss, {}
 
 
 KIND_POLICY = LOSSES["policy"].id
@@ -204,19 +225,43 @@ KIND_SHAPED = LOSSES["shaped"].id
 """LUFFY off-policy term: ``-f(pi) * A`` with ``f(p) = p / (p + gamma)``, no clipping."""
 KIND_SFT = LOSSES["sft"].id
 """Negative log-likelihood (HPT/ReLIFT switch, SFT)."""
+KIND_DISTILL = LOSSES["distill"].id
+"""On-policy self-distillation (SDFT): reverse KL to the teacher on the sampled tokens."""
+
+
+def _kinds_where(kinds: torch.Tensor, flag: str) -> torch.Tensor:
+    """``[B]`` bool: rows whose registered loss has ``flag`` (a :class:`LossKind` attribute) set."""
+    out = torch.zeros(kinds.shape, dtype=torch.bool, device=kinds.device)
+    for lk in LOSSES.values():
+        if getattr(lk, flag):
+            out |= kinds == lk.id
+    return out
+
+
+def token_advantages(
+    advantages: torch.Tensor, kinds: torch.Tensor, logp: torch.Tensor, teacher_logp: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``[B, T]`` per-token advantages: each row's ``[B]`` advantage at every token, except rows whose
+    loss learns from a teacher (:attr:`LossKind.teacher`), which get ``log pi_T(y_t) - log pi(y_t)``
+    (stop-gradient: minus the reverse KL's per-token estimate on the sampled token)."""
+    adv = advantages.view(-1, 1).expand_as(logp)
+    if teacher_logp is None:
+        return adv
+    return torch.where(_kinds_where(kinds, "teacher").view(-1, 1), (teacher_logp - logp).detach(), adv)
 
 
 def zero_gradient_rows(advantages: torch.Tensor, kinds: torch.Tensor, beta: float) -> torch.Tensor:
     """``[B]`` bool: rows whose :func:`mixed_token_loss` and its gradient are exactly zero.
 
     Policy and shaped rows with advantage 0 lose ``-min(r * 0, clip(r) * 0)`` or ``-f(p) * 0``
-    at every token, whatever the log-probs; SFT rows (``-log p``) always have a gradient, and so
-    does every row once a KL penalty is added (``beta != 0``). Such rows need no forward or
+    at every token, whatever the log-probs; SFT and self-distillation rows (losses registered with
+    ``advantage_weighted=False``) always have a gradient, and so does every row once a KL penalty
+    is added (``beta != 0``). Such rows need no forward or
     backward pass, as long as the loss normalisers still count them.
     """
     if beta != 0:
         return torch.zeros(advantages.shape, dtype=torch.bool, device=advantages.device)
-    return (advantages == 0) & (kinds != KIND_SFT)
+    return (advantages == 0) & _kinds_where(kinds, "advantage_weighted")
 
 
 def mixed_token_loss(
@@ -230,16 +275,18 @@ def mixed_token_loss(
     *,
     clip_ratio_c: float | None = None,
     log_ratio_bound: float | None = None,
+    distill_is_clip: float | None = 2.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-token loss where each sequence has a kind (``[B]`` of registered loss ids, KIND_*).
 
     Each row gets its registered loss (:data:`LOSSES`): policy rows :func:`clipped_surrogate`,
-    shaped rows ``-luffy_shaping(exp(logp)) * A``, SFT rows ``-logp``. Returns
+    shaped rows ``-luffy_shaping(exp(logp)) * A``, SFT rows ``-logp``, distill rows
+    :func:`distill_loss` (their ``advantages`` per token, :func:`token_advantages`). Returns
     ``(loss, clip_low, clip_high)``; the clip masks are zero outside policy rows.
     """
     k = kind.view(-1, 1).expand_as(logp)
     adv = advantages.unsqueeze(-1) if advantages.dim() == logp.dim() - 1 else advantages
-    opts = LossOptions(epsilon_low, epsilon_high, gamma, clip_ratio_c, log_ratio_bound)
+    opts = LossOptions(epsilon_low, epsilon_high, gamma, clip_ratio_c, log_ratio_bound, distill_is_clip)
     loss = torch.zeros_like(logp)
     low = high = torch.zeros_like(logp, dtype=torch.bool)
     for lk in LOSSES.values():
@@ -271,6 +318,7 @@ def token_loss(
     use_bias_correction_kl: bool = True,
     clip_ratio_c: float | None = None,
     log_ratio_bound: float | None = 20.0,
+    distill_is_clip: float | None = 2.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The full per-token loss of a batch: :func:`mixed_token_loss` plus ``beta`` times
     :func:`kl_penalty` against ``ref_logp`` (when given and ``beta != 0``).
@@ -281,7 +329,7 @@ def token_loss(
     """
     per_tok, low, high = mixed_token_loss(
         logp, old_logp, advantages, kind, epsilon_low, epsilon_high, gamma,
-        clip_ratio_c=clip_ratio_c, log_ratio_bound=log_ratio_bound,
+        clip_ratio_c=clip_ratio_c, log_ratio_bound=log_ratio_bound, distill_is_clip=distill_is_clip,
     )
     parts: dict[str, torch.Tensor] = {"clip_low": low, "clip_high": high}
     if ref_logp is not None and beta != 0:

@@ -17,6 +17,6 @@ from __future__ import annotations
 from .base import METHODS, Method, MethodSpec, register_method
 
 # The built-in methods register themselves on import.
-from . import grpo, repo, raw_expert, luffy, hpt_switch, sft, sft_then_grpo  # noqa: E402,F401  isort: skip
+from . import grpo, repo, raw_expert, luffy, hpt_switch, sft, sft_then_grpo, sdft  # noqa: E402,F401  isort: skip
 
 __all__ = ["METHODS", "Method", "MethodSpec", "register_method"]

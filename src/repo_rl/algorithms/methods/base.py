@@ -32,6 +32,9 @@ class Method:
     """Whether the rollouts of a group that received an injection leave the loss (HPT switch)."""
     rollouts: bool = True
     """False for pure SFT: no generation, NLL on expert solutions."""
+    rollout_loss: str = "policy"
+    """Registered loss of the on-policy rollouts: ``policy`` (clipped surrogate), or ``distill``
+    (SDFT: reverse KL to the policy itself with the expert solution in context, per token)."""
     requires_solution: bool = False
     """Whether training rows need an expert solution for the method to do anything (checked at start)."""
     phases: tuple[str, ...] = ()
@@ -42,8 +45,9 @@ class Method:
             raise ValueError(f"method {self.name}: injection must be None, 'rephrase' or 'expert', got {self.injection!r}")
         if self.gate not in ("rho", "all_fail", "always"):
             raise ValueError(f"method {self.name}: gate must be 'rho', 'all_fail' or 'always', got {self.gate!r}")
-        if self.injected_loss not in LOSSES:
-            raise ValueError(f"method {self.name}: unknown loss {self.injected_loss!r}; registered: {', '.join(LOSSES)}")
+        for loss in (self.injected_loss, self.rollout_loss):
+            if loss not in LOSSES:
+                raise ValueError(f"method {self.name}: unknown loss {loss!r}; registered: {', '.join(LOSSES)}")
         if self.advantage_stats not in ("all", "on_policy"):
             raise ValueError(f"method {self.name}: advantage_stats must be 'all' or 'on_policy', got {self.advantage_stats!r}")
 
@@ -51,6 +55,17 @@ class Method:
     def injected_kind(self) -> int:
         """The id of :attr:`injected_loss` (``algorithms.losses.KIND_*``), stored per training row."""
         return LOSSES[self.injected_loss].id
+
+    @property
+    def rollout_kind(self) -> int:
+        """The id of :attr:`rollout_loss`, stored on every on-policy row."""
+        return LOSSES[self.rollout_loss].id
+
+    @property
+    def teacher(self) -> bool:
+        """Whether the rollouts are scored by a teacher: the policy with the expert solution in
+        context (``baselines.sdft_template``)."""
+        return LOSSES[self.rollout_loss].teacher
 
     @property
     def rephrases(self) -> bool:
