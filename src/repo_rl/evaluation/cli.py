@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
+from ..config import JudgeConfig
 from ..errors import UserError
 from .benchmarks import CHOICE_INSTRUCTION, MATH_INSTRUCTION, Benchmark, load_benchmark
 from .layouts import FIELD_KEYS, parse_field_args
@@ -77,12 +78,13 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help=f"column mapping, KEY in {', '.join(FIELD_KEYS)} (dots reach nested fields); repeatable")
     p.add_argument("--judge-url", help="--kind judge: the judge server's OpenAI-compatible root, e.g. http://host:8000/v1")
     p.add_argument("--judge-model", help="--kind judge: the model name the judge server serves")
-    p.add_argument("--judge-api-key-env", default="OPENAI_API_KEY", help="--kind judge: environment variable with the API key")
+    jd = JudgeConfig()  # the training reward's defaults
+    p.add_argument("--judge-api-key-env", default=jd.api_key_env, help="--kind judge: environment variable with the API key")
     p.add_argument("--judge-template-file", help="--kind judge: prompt template file ({question}, {reference}, {answer})")
-    p.add_argument("--judge-verdict", choices=("yes_no", "score"), default="yes_no", help="--kind judge: how replies are read")
-    p.add_argument("--judge-concurrency", type=int, default=16, help="--kind judge: requests in flight (default 16)")
-    p.add_argument("--judge-timeout", type=float, default=60.0, help="--kind judge: seconds per request (default 60)")
-    p.add_argument("--judge-cache", default="~/.cache/repo_rl/judge.sqlite", help="--kind judge: verdict cache file ('' : off)")
+    p.add_argument("--judge-verdict", choices=("yes_no", "score"), default=jd.verdict, help="--kind judge: how replies are read")
+    p.add_argument("--judge-concurrency", type=int, default=jd.concurrency, help="--kind judge: requests in flight (default %(default)s)")
+    p.add_argument("--judge-timeout", type=float, default=jd.timeout, help="--kind judge: seconds per request (default %(default)s)")
+    p.add_argument("--judge-cache", default=jd.cache, help="--kind judge: verdict cache file ('' : off)")
     p.add_argument("--kind", choices=("auto", "math", "choice", "judge"), default="auto",
                    help="scoring: math (math-verify) or choice (option letter); auto follows the layout")
     p.add_argument("--split", default="test", help="split of a datasets name (default test)")
