@@ -108,3 +108,17 @@ def test_own_data_without_a_config_gets_general_defaults_not_the_toy_worlds(tmp_
     saved = __import__("yaml").safe_load((out / "config.yaml").read_text())
     assert saved["train"]["learning_rate"] == 1e-6 and saved["eval"]["every"] == 0 and saved["repo"]["rephrase_template"] != "R{question}|{solution}|"
     assert "general defaults" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("overrides,own", [
+    (["data.train_files=my.jsonl"], True),
+    (["data.train_files=[a.jsonl, toyworld:basic]"], True),
+    (["data.train_files='toyworld:basic'"], False),
+    (["data.train_files=[toyworld:basic]"], False),
+    (["model.name_or_path=some/model"], False),
+    (["data.train_files"], False),  # malformed: load_config names it
+])
+def test_which_overrides_name_data_of_ones_own(overrides, own):
+    from repo_rl.cli import _own_data
+
+    assert _own_data(overrides) is own

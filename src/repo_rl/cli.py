@@ -172,11 +172,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _own_data(overrides: Sequence[str]) -> bool:
     """Overrides that name training data other than the toy world's (another model alone still
     trains on the toy world, with its settings)."""
+    from .config_parse import parse_override
+    from .errors import ConfigError
+
     for item in overrides:
-        key, _, value = item.partition("=")
-        key, value = key.strip(), value.strip().strip("'\"")
-        if key == "data.train_files" and not value.startswith("toyworld:"):
-            return True
+        try:
+            keys, value = parse_override(item)
+        except ConfigError:
+            continue  # load_config names the bad override
+        if keys == ["data", "train_files"]:
+            values = value if isinstance(value, list) else [value]
+            if any(not str(v).startswith("toyworld:") for v in values):
+                return True
     return False
 
 
