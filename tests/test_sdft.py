@@ -4,6 +4,7 @@ loss, its gradient in expectation against the exact reverse KL, and the method e
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -74,6 +75,40 @@ def test_distill_matches_trl_sampled_token_loss_and_gradient():
     assert torch.allclose(s2.grad, s1.grad, atol=1e-12)
 
 
+def test_reverse_kl_against_a_loop_and_trl_full_logits():
+    loss_utils = pytest.importorskip("trl.experimental.sdft.loss_utils")
+    g = torch.Generator().manual_seed(3)
+    B, T, V = 2, 3, 5
+    s = torch.randn(B, T, V, generator=g, dtype=torch.float64)
+    t = torch.randn(B, T, V, generator=g, dtype=torch.float64)
+    got = alg.reverse_kl(s, t)
+    for b in range(B):
+        for i in range(T):
+            ps, pt = torch.softmax(s[b, i], -1), torch.softmax(t[b, i], -1)
+            want = sum(float(ps[v]) * (math.log(float(ps[v])) - math.log(float(pt[v]))) for v in range(V))
+            assert float(got[b, i]) == pytest.approx(want, abs=1e-6)
+    trl = loss_utils.compute_full_logit_self_distillation_loss(s, t, distillation_alpha=1.0)
+    assert torch.allclose(got, trl.to(got.dtype), atol=1e-6)
+
+
+def test_full_logits_loss_is_the_reverse_kl_times_the_capped_ratio():
+    g = torch.Generator().manual_seed(4)
+    B, T, V = 2, 3, 6
+    z = torch.randn(B, T, V, generator=g, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(B, T, V, generator=g, dtype=torch.float64)
+    ids = torch.randint(0, V, (B, T), generator=g)
+    logp = alg.token_logprobs(z, ids)
+    old = logp.detach() + torch.tensor([[0.0, 1.0, -1.0], [0.0, 0.0, 0.0]], dtype=torch.float64)
+    kl = alg.reverse_kl(z, t)
+    kinds = torch.tensor([KIND_DISTILL, KIND_POLICY])
+    adv = torch.tensor([0.0, 0.5], dtype=torch.float64)
+    loss, _ = alg.token_loss(logp, old, adv, kinds, epsilon_low=0.2, epsilon_high=0.2, distill_is_clip=2.0, distill_kl=kl)
+    ratio = torch.exp(logp.detach() - old).clamp(max=2.0)
+    assert torch.allclose(loss[0], kl[0] * ratio[0])
+    policy, _, _ = alg.clipped_surrogate(logp, old, adv.view(-1, 1), 0.2, 0.2)
+    assert torch.allclose(loss[1], policy[1])  # other rows keep their loss
+
+
 def test_sampled_token_gradient_is_the_reverse_kl_gradient_in_expectation():
     """Summing the per-token loss gradient over every token, weighted by pi, gives exactly
     the gradient of KL(pi || pi_T) at that position."""
@@ -92,6 +127,9 @@ def test_sampled_token_gradient_is_the_reverse_kl_gradient_in_expectation():
     expected = (logp_rows.detach().exp() * per_tok).sum()
     (estimate,) = torch.autograd.grad(expected, z)
     assert torch.allclose(estimate, exact, atol=1e-12)
+    # full_logits differentiates the same KL directly.
+    (direct,) = torch.autograd.grad(alg.reverse_kl(z.view(1, 1, V), t_logp.view(1, 1, V)).sum(), z)
+    assert torch.allclose(direct, exact, atol=1e-12)
 
 
 def test_token_advantages_against_a_loop():
@@ -130,17 +168,21 @@ def _trainer(tmp_path, model_dir, data, **extra):
 
 
 def _explicit_logprobs(model, prompt, completion, temperature):
+    """``[T, V]`` log-probs of the positions that predict ``completion`` after ``prompt``."""
     ids = torch.tensor([prompt + completion])
     with torch.no_grad():
         logits = model(input_ids=ids).logits[0, len(prompt) - 1 : -1].double() / temperature
-    return torch.gather(torch.log_softmax(logits, -1), -1, torch.tensor(completion).unsqueeze(-1)).squeeze(-1)
+    return torch.log_softmax(logits, -1)
 
 
-def test_sdft_teacher_is_the_policy_with_the_expert_solution_in_context(tmp_path, tiny_model_dir, tiny_data):
-    """One step at a learning rate too small to move the weights: sdft/reverse_kl must equal
-    log pi(o | q) - log pi(o | P(q, k)) from plain forwards, over the rows in the loss."""
+@pytest.mark.parametrize("mode", ["full_logits", "sampled_token"])
+def test_sdft_teacher_is_the_policy_with_the_expert_solution_in_context(tmp_path, tiny_model_dir, tiny_data, mode):
+    """One step at a learning rate too small to move the weights: sdft/reverse_kl must equal the
+    per-token KL(pi(. | q) || pi(. | P(q, k))) from plain forwards (full_logits), or its sampled-token
+    estimate log pi(o | q) - log pi(o | P(q, k)) (sampled_token), over the rows in the loss."""
     t = _trainer(tmp_path, tiny_model_dir, tiny_data, **{"train.max_steps": 1, "train.learning_rate": 1e-30,
-                                                          "algorithm.mask_truncated_completions": "false"})
+                                                          "algorithm.mask_truncated_completions": "false",
+                                                          "baselines.sdft_mode": mode})
     seen = {}
     inner = t.updater
 
@@ -160,7 +202,11 @@ def test_sdft_teacher_is_the_policy_with_the_expert_solution_in_context(tmp_path
             continue
         lq = _explicit_logprobs(t.core, s.prompt_ids, s.completion_ids, 0.9)
         lt = _explicit_logprobs(t.core, s.teacher_prompt_ids, s.completion_ids, 0.9)
-        num += float((lq - lt).sum())
+        if mode == "full_logits":
+            num += float((lq.exp() * (lq - lt)).sum())
+        else:
+            c = torch.tensor(s.completion_ids).unsqueeze(-1)
+            num += float((lq.gather(-1, c) - lt.gather(-1, c)).sum())
         den += len(s.completion_ids)
     assert den > 0 and m["sdft/reverse_kl"] == pytest.approx(num / den, abs=1e-4)
     # The teacher prompt is the rephrase context: it holds the expert solution.
@@ -170,12 +216,13 @@ def test_sdft_teacher_is_the_policy_with_the_expert_solution_in_context(tmp_path
 
 
 def test_sdft_trains_with_a_live_and_an_initial_teacher(tmp_path, tiny_model_dir, tiny_data):
-    for teacher in ("live", "initial"):
-        t = _trainer(tmp_path / teacher, tiny_model_dir, tiny_data, **{
-            "train.max_steps": 2, "baselines.sdft_teacher": teacher, "baselines.sdft_template": "{question}\nSolution: {solution}\n"})
+    for teacher, mode in (("live", "full_logits"), ("initial", "sampled_token"), ("initial", "full_logits")):
+        t = _trainer(tmp_path / teacher / mode, tiny_model_dir, tiny_data, **{
+            "train.max_steps": 2, "baselines.sdft_teacher": teacher, "baselines.sdft_mode": mode,
+            "baselines.sdft_template": "{question}\nSolution: {solution}\n"})
         before = {n: p.detach().clone() for n, p in t.model.named_parameters()}
         t.train()
-        rows = [json.loads(x) for x in (tmp_path / teacher / "out" / "metrics.jsonl").read_text().splitlines()]
+        rows = [json.loads(x) for x in (tmp_path / teacher / mode / "out" / "metrics.jsonl").read_text().splitlines()]
         assert len(rows) == 2 and all(torch.isfinite(torch.tensor([r["loss"], r["sdft/reverse_kl"]])).all() for r in rows)
         assert any(not torch.equal(before[n], p) for n, p in t.model.named_parameters())
         assert (t.ref_model is not None) == (teacher == "initial")
@@ -187,6 +234,7 @@ def test_sdft_trains_with_a_live_and_an_initial_teacher(tmp_path, tiny_model_dir
     ("baselines.sdft_template", "{question} only", "baselines.sdft_template: expected a format string containing {solution}"),
     ("baselines.sdft_is_clip", 0, "baselines.sdft_is_clip: expected a number > 0 or null"),
     ("baselines.sdft_teacher", "ema", "baselines.sdft_teacher"),
+    ("train.logprob_chunk_size", 4, "baselines.sdft_mode=full_logits needs whole logits"),
 ])
 def test_bad_sdft_settings_are_named(tmp_path, tiny_model_dir, tiny_data, key, value, message):
     with pytest.raises(ConfigError, match=message.replace("{", r"\{").replace("}", r"\}")):

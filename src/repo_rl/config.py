@@ -202,6 +202,10 @@ class BaselinesConfig:
     sdft_teacher: Literal["live", "initial"] = "live"
     """sdft: the teacher's weights, ``live`` (the current policy, stop-gradient) or ``initial`` (the
     starting model, TRL's ``teacher_model_kind=base``; a second copy of the model unless LoRA)."""
+    sdft_mode: Literal["full_logits", "sampled_token"] = "full_logits"
+    """sdft: ``full_logits``, the exact per-token KL(pi || pi_T) over the vocabulary (a second
+    ``[batch, length, vocab]`` logits tensor per micro-batch), or ``sampled_token``, its estimate on
+    the sampled token only (TRL's names; TRL's default is a top-k mode, not implemented here)."""
     sdft_is_clip: Optional[float] = 2.0
     """sdft: cap of the importance ratio pi / pi_old that weights the loss (TRL's
     ``distillation_is_clip``; it is 1 unless algorithm.num_iterations > 1). null: no ratio."""

@@ -80,6 +80,9 @@ def validate(cfg: Config) -> None:
     check_template(r.rephrase_template, "repo.rephrase_template")
     if cfg.baselines.sdft_template is not None:
         check_template(cfg.baselines.sdft_template, "baselines.sdft_template")
+    if cfg.baselines.sdft_mode == "full_logits" and METHODS[a.method].teacher and t.logprob_chunk_size:
+        raise ConfigError("baselines.sdft_mode=full_logits needs whole logits, which train.logprob_chunk_size avoids; "
+                          "use baselines.sdft_mode=sampled_token or leave train.logprob_chunk_size unset")
     if cfg.baselines.sdft_is_clip is not None:
         check(cfg.baselines.sdft_is_clip > 0, "baselines.sdft_is_clip", "a number > 0 or null", cfg.baselines.sdft_is_clip)
     import re

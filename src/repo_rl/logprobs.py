@@ -45,6 +45,16 @@ def _chunk_logprobs(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.
     return lp, ent
 
 
+def completion_logits(
+    model: Any, ids: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor, completion_len: int, temperature: float | torch.Tensor = 1.0
+) -> torch.Tensor:
+    """``[B, T, V]`` float logits / temperature that predict ``ids[:, P:P+T]`` with ``P = len - T``
+    (rows as :func:`completion_logprobs` takes them)."""
+    T = completion_len
+    logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False, logits_to_keep=T + 1).logits
+    return _scale(logits[:, :T, :].float(), temperature)
+
+
 def completion_logprobs(
     model: Any,
     ids: torch.Tensor,
@@ -65,8 +75,7 @@ def completion_logprobs(
     P, T = prompt_len, completion_len
     targets = ids[:, P : P + T]
     if not chunk_size:
-        logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False, logits_to_keep=T + 1).logits
-        logits = _scale(logits[:, :T, :].float(), temperature)
+        logits = completion_logits(model, ids, attn, pos, T, temperature)
         lp = alg.token_logprobs(logits, targets)
         ent = alg.entropy_from_logits(logits.detach()) if want_entropy else None
         return lp, ent

@@ -12,14 +12,14 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
 from . import algorithms as alg
 from .config import Config
 from .distributed import Dist
-from .logprobs import completion_logprobs
+from .logprobs import completion_logits, completion_logprobs
 from .step import Sequence_
 
 
@@ -69,8 +69,10 @@ class PolicyUpdate:
         seqs: Sequence[Sequence_],
         with_grad: bool,
         want_entropy: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-        """Per-token log-probs of each completion under its prompt: ``[B, T]``, mask ``[B, T]``."""
+        want_logits: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """Per-token log-probs of each completion under its prompt ``[B, T]``, mask ``[B, T]``,
+        entropies, and (``want_logits``) the ``[B, T, V]`` logits / temperature they come from."""
         B = len(seqs)
         T = max(max(len(s.completion_ids) for s in seqs), 1)
         P = max(len(s.prompt_ids) for s in seqs)
@@ -94,10 +96,15 @@ class PolicyUpdate:
         temps = [1.0 if s.kind == alg.KIND_SFT else self.temperature() for s in seqs]
         temperature = temps[0] if len(set(temps)) == 1 else torch.tensor(temps)
         with ctx, self.autocast():
+            if want_logits:
+                logits = completion_logits(model, ids, attn, pos, T, temperature)
+                logp = alg.token_logprobs(logits, ids[:, P : P + T])
+                ent = alg.entropy_from_logits(logits.detach()) if want_entropy else None
+                return logp, cmask, ent, logits
             logp, ent = completion_logprobs(
                 model, ids, attn, pos, P, T, self.cfg.train.logprob_chunk_size, want_entropy, temperature
             )
-        return logp, cmask, ent
+        return logp, cmask, ent, None
 
     def temperature(self) -> float:
         """Temperature of the training, old and reference log-probs: the rollouts' (1 for greedy)."""
@@ -143,38 +150,35 @@ class PolicyUpdate:
             if chunk is None:
                 self.forward_logprobs(model, self.filler(), with_grad=False)
                 continue
-            logp, mask, _ = self.forward_logprobs(model, [seqs[i] for i in chunk], with_grad=False)
+            logp, mask, _, _ = self.forward_logprobs(model, [seqs[i] for i in chunk], with_grad=False)
             for j, i in enumerate(chunk):
                 out[i] = logp[j, : int(mask[j].sum())].cpu()
         return out
 
-    def reference_logprobs(self, seqs: Sequence[Sequence_], rows: Sequence[int]) -> Optional[list[torch.Tensor]]:
-        """Log-probs under the initial model: the reference copy, or the base model under LoRA
-        (no second copy); None when there is neither."""
+    def with_initial(self, fn: Callable[[Any], Any]) -> Any:
+        """``fn(model)`` on the initial weights: the reference copy, or the base model under LoRA (no
+        second copy). The trainer builds the copy whenever ``beta > 0`` or an SDFT teacher needs it."""
         if self.ref_model is not None:
-            return self.logprobs(self.ref_model, seqs, rows)
-        if self.lora:
-            with self.model.disable_adapter():
-                return self.logprobs(self.core, seqs, rows)
-        return None
+            return fn(self.ref_model)
+        if not self.lora:
+            raise RuntimeError("the initial model is needed but no reference copy was built")
+        with self.model.disable_adapter():
+            return fn(self.core)
 
-    def teacher_logprobs(self, seqs: Sequence[Sequence_], rows: Sequence[int]) -> Optional[list[torch.Tensor]]:
-        """SDFT: log-probs of each completion under its teacher prompt (``Sequence_.teacher_prompt_ids``),
-        from the current policy or the initial model (``baselines.sdft_teacher``); None when no row
-        has a teacher. Every rank runs the pass when any rank needs it (sharded weights)."""
+    def with_teacher(self, fn: Callable[[Any], Any]) -> Any:
+        """``fn(model)`` on the SDFT teacher's weights (``baselines.sdft_teacher``)."""
+        return self.with_initial(fn) if self.cfg.baselines.sdft_teacher == "initial" else fn(self.core)
+
+    def has_teacher(self, seqs: Sequence[Sequence_], rows: Sequence[int]) -> bool:
+        """Whether some row is scored by a teacher; under sharded weights, on any rank (every rank
+        must then run the teacher's passes)."""
         need = any(seqs[i].teacher_prompt_ids is not None for i in rows)
-        if self.dist.sharded:
-            need = bool(self.dist.max_int(int(need)))
-        if not need:
-            return None
-        with_teacher = [i for i in rows if seqs[i].teacher_prompt_ids is not None]
-        tseqs = [Sequence_(s.teacher_prompt_ids or s.prompt_ids, s.completion_ids, s.truncated, s.kind) for s in seqs]
-        if self.cfg.baselines.sdft_teacher == "initial":
-            out = self.reference_logprobs(tseqs, with_teacher)
-            if out is None:
-                raise RuntimeError("baselines.sdft_teacher=initial needs the reference model, which was not built")
-            return out
-        return self.logprobs(self.core, tseqs, with_teacher)
+        return bool(self.dist.max_int(int(need))) if self.dist.sharded else need
+
+    @staticmethod
+    def teacher_view(seqs: Sequence[Sequence_]) -> list[Sequence_]:
+        """The rows under their teacher prompts (rows without one keep theirs; their signal is dropped)."""
+        return [Sequence_(s.teacher_prompt_ids or s.prompt_ids, s.completion_ids, s.truncated, s.kind) for s in seqs]
 
     def __call__(
         self, seqs: Sequence[Sequence_], advantages: torch.Tensor, valid: torch.Tensor, keep_logp: Sequence[int] = ()
@@ -210,8 +214,15 @@ class PolicyUpdate:
         logp_sums: dict[int, float] = {}
         keep = set(keep_logp)
         old_logps = self.logprobs(self.core, seqs, rows) if a.num_iterations > 1 else None
-        ref_logps = self.reference_logprobs(seqs, rows) if a.beta > 0 else None
-        teacher_logps = self.teacher_logprobs(seqs, rows)
+        ref_logps = self.with_initial(lambda m: self.logprobs(m, seqs, rows)) if a.beta > 0 else None
+        # SDFT: sampled_token needs the teacher's log-prob of each sampled token, taken here once;
+        # full_logits needs its whole distribution, taken per micro-batch in the loop below.
+        teacher_on = self.has_teacher(seqs, rows)
+        full_kl = teacher_on and cfg.baselines.sdft_mode == "full_logits"
+        teacher_logps = None
+        if teacher_on and not full_kl:
+            teacher_rows = [i for i in rows if seqs[i].teacher_prompt_ids is not None]
+            teacher_logps = self.with_teacher(lambda m: self.logprobs(m, self.teacher_view(seqs), teacher_rows))
         timings["logprobs"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         stats = {"loss": 0.0, "clip_low": 0.0, "clip_high": 0.0, "clip_tokens": 0.0, "kl": 0.0, "entropy": 0.0, "tokens": 0.0,
@@ -231,12 +242,14 @@ class PolicyUpdate:
             for ci, chunk in enumerate(chunks):
                 last = ci == len(chunks) - 1
                 if chunk is None:  # a filler (see above, and micro_batches); adds nothing to the gradient
-                    logp, _, _ = self.forward_logprobs(self.core, self.filler(), with_grad=True)
+                    logp, _, _, _ = self.forward_logprobs(self.core, self.filler(), with_grad=True)
+                    if full_kl:  # the teacher's pass too, so every rank runs the same passes
+                        self.with_teacher(lambda m: self.forward_logprobs(m, self.filler(), with_grad=False))
                     if n_seq > 0:
                         self.backward(logp.sum() * 0.0, last)
                     continue
                 mb = [seqs[i] for i in chunk]
-                logp, mask, ent = self.forward_logprobs(self.core, mb, with_grad=True, want_entropy=(it == 0))
+                logp, mask, ent, logits = self.forward_logprobs(self.core, mb, with_grad=True, want_entropy=(it == 0), want_logits=full_kl)
                 if it == 0 and keep:
                     for j, i in enumerate(chunk):
                         if i in keep:
@@ -257,21 +270,26 @@ class PolicyUpdate:
                 old = stack(old_logps)
                 old = logp.detach() if old is None else old
                 kinds = torch.tensor([seqs[i].kind for i in chunk], device=logp.device)
-                teacher = stack(teacher_logps)
+                # A row without a teacher prompt (no expert solution) is its own teacher: no signal.
+                has = torch.tensor([seqs[i].teacher_prompt_ids is not None for i in chunk], device=logp.device).view(-1, 1)
+                teacher, distill_kl = stack(teacher_logps), None
                 if teacher is not None:
-                    # A row without a teacher prompt (no expert solution) is its own teacher: no signal.
-                    has = torch.tensor([seqs[i].teacher_prompt_ids is not None for i in chunk], device=logp.device)
-                    teacher = torch.where(has.view(-1, 1), teacher, logp.detach())
-                    if it == 0:
-                        tmask = mask * has.view(-1, 1).to(mask.dtype)
-                        stats["teacher_kl"] += float(((logp.detach() - teacher) * tmask).sum())
-                        stats["teacher_tokens"] += float(tmask.sum())
+                    teacher = torch.where(has, teacher, logp.detach())
+                    per_token_kl = (logp - teacher).detach()
+                elif full_kl:
+                    t_logits = self.with_teacher(lambda m: self.forward_logprobs(m, self.teacher_view(mb), False, want_logits=True)[3])
+                    distill_kl = torch.where(has, alg.reverse_kl(logits, t_logits), 0.0)
+                    per_token_kl = distill_kl.detach()
+                if teacher_on and it == 0:
+                    tmask = mask * has.to(mask.dtype)
+                    stats["teacher_kl"] += float((per_token_kl * tmask).sum())
+                    stats["teacher_tokens"] += float(tmask.sum())
                 adv = alg.token_advantages(advantages[chunk].to(logp.device, logp.dtype), kinds, logp, teacher)
                 per_tok, parts = alg.token_loss(
                     logp, old, adv, kinds, epsilon_low=a.epsilon, epsilon_high=cfg.epsilon_high,
                     gamma=cfg.baselines.luffy_gamma, beta=a.beta, ref_logp=stack(ref_logps),
                     use_bias_correction_kl=a.use_bias_correction_kl, clip_ratio_c=a.clip_ratio_c,
-                    log_ratio_bound=a.log_ratio_bound, distill_is_clip=cfg.baselines.sdft_is_clip,
+                    log_ratio_bound=a.log_ratio_bound, distill_is_clip=cfg.baselines.sdft_is_clip, distill_kl=distill_kl,
                 )
                 low, high = parts["clip_low"], parts["clip_high"]
                 if "kl" in parts and it == 0:
@@ -341,8 +359,9 @@ class PolicyUpdate:
         out["clip_ratio"] = out["clip_ratio/region_mean"]
         out["train/skipped_step"] = float(skipped)
         out["train/rows_not_forwarded"] = stats["rows_not_forwarded"]
-        if teacher_logps is not None:
-            # Sampled-token estimate of KL(pi || pi_teacher) per token, before the update.
+        if teacher_on:
+            # KL(pi || pi_teacher) per token before the update: exact (full_logits) or its
+            # sampled-token estimate (sampled_token).
             out["sdft/reverse_kl"] = stats["teacher_kl"] / stats["teacher_tokens"] if stats["teacher_tokens"] else float("nan")
         return UpdateResult(out, logp_sums, skipped, timings)
 

@@ -149,6 +149,9 @@ class LossOptions:
     distill_is_clip: float | None = 2.0
     """Self-distillation: the importance ratio pi / pi_old that weights the loss is capped here
     (None: no ratio), as TRL's ``distillation_is_clip``."""
+    distill_kl: torch.Tensor | None = None
+    """Self-distillation over the whole vocabulary: ``[B, T]`` exact per-token KL(pi || pi_T)
+    (:func:`reverse_kl`, with its gradient), used instead of the sampled-token estimate."""
 
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, LossOptions], tuple[torch.Tensor, dict[str, torch.Tensor]]]
@@ -211,8 +214,9 @@ def distill_loss(logp, old_logp, adv, o: LossOptions):
     estimated on the sampled tokens, ``-A_t * log pi(y_t)`` with ``A_t = log pi_T(y_t) - log pi(y_t)``
     (:func:`token_advantages`), times the importance ratio ``pi / pi_old`` capped at
     ``distill_is_clip`` (stop-gradient). TRL's ``sampled_token`` mode: the value is
-    ``(log pi - log pi_T) * log pi`` and the gradient is that of KL(pi || pi_T) per token."""
-    loss = -adv * logp
+    ``(log pi - log pi_T) * log pi`` and the gradient is that of KL(pi || pi_T) per token.
+    With ``distill_kl`` (``full_logits``), the loss is that exact per-token KL instead."""
+    loss = o.distill_kl if o.distill_kl is not None else -adv * logp
     if o.distill_is_clip is not None:
         log_ratio = torch.clamp((logp - old_logp).detach(), -20.0, 20.0)
         loss = loss * torch.exp(log_ratio).clamp(max=o.distill_is_clip)
@@ -227,6 +231,14 @@ KIND_SFT = LOSSES["sft"].id
 """Negative log-likelihood (HPT/ReLIFT switch, SFT)."""
 KIND_DISTILL = LOSSES["distill"].id
 """On-policy self-distillation (SDFT): reverse KL to the teacher on the sampled tokens."""
+
+
+def reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """``[B, T]`` KL(pi || pi_T) at each position over the whole vocabulary, from ``[B, T, V]``
+    logits; the teacher's side is stop-gradient (TRL's ``full_logits`` mode with alpha = 1)."""
+    s = torch.log_softmax(student_logits.float(), dim=-1)
+    t = torch.log_softmax(teacher_logits.detach().float(), dim=-1)
+    return (s.exp() * (s - t)).sum(-1)
 
 
 def _kinds_where(kinds: torch.Tensor, flag: str) -> torch.Tensor:
@@ -276,6 +288,7 @@ def mixed_token_loss(
     clip_ratio_c: float | None = None,
     log_ratio_bound: float | None = None,
     distill_is_clip: float | None = 2.0,
+    distill_kl: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-token loss where each sequence has a kind (``[B]`` of registered loss ids, KIND_*).
 
@@ -286,7 +299,7 @@ def mixed_token_loss(
     """
     k = kind.view(-1, 1).expand_as(logp)
     adv = advantages.unsqueeze(-1) if advantages.dim() == logp.dim() - 1 else advantages
-    opts = LossOptions(epsilon_low, epsilon_high, gamma, clip_ratio_c, log_ratio_bound, distill_is_clip)
+    opts = LossOptions(epsilon_low, epsilon_high, gamma, clip_ratio_c, log_ratio_bound, distill_is_clip, distill_kl)
     loss = torch.zeros_like(logp)
     low = high = torch.zeros_like(logp, dtype=torch.bool)
     for lk in LOSSES.values():
@@ -319,6 +332,7 @@ def token_loss(
     clip_ratio_c: float | None = None,
     log_ratio_bound: float | None = 20.0,
     distill_is_clip: float | None = 2.0,
+    distill_kl: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The full per-token loss of a batch: :func:`mixed_token_loss` plus ``beta`` times
     :func:`kl_penalty` against ``ref_logp`` (when given and ``beta != 0``).
@@ -329,7 +343,7 @@ def token_loss(
     """
     per_tok, low, high = mixed_token_loss(
         logp, old_logp, advantages, kind, epsilon_low, epsilon_high, gamma,
-        clip_ratio_c=clip_ratio_c, log_ratio_bound=log_ratio_bound, distill_is_clip=distill_is_clip,
+        clip_ratio_c=clip_ratio_c, log_ratio_bound=log_ratio_bound, distill_is_clip=distill_is_clip, distill_kl=distill_kl,
     )
     parts: dict[str, torch.Tensor] = {"clip_low": low, "clip_high": high}
     if ref_logp is not None and beta != 0:
