@@ -175,33 +175,40 @@ def _explicit_logprobs(model, prompt, completion, temperature):
     return torch.log_softmax(logits, -1)
 
 
-@pytest.mark.parametrize("mode", ["full_logits", "sampled_token"])
-def test_sdft_teacher_is_the_policy_with_the_expert_solution_in_context(tmp_path, tiny_model_dir, tiny_data, mode):
-    """One step at a learning rate too small to move the weights: sdft/reverse_kl must equal the
-    per-token KL(pi(. | q) || pi(. | P(q, k))) from plain forwards (full_logits), or its sampled-token
-    estimate log pi(o | q) - log pi(o | P(q, k)) (sampled_token), over the rows in the loss."""
-    t = _trainer(tmp_path, tiny_model_dir, tiny_data, **{"train.max_steps": 1, "train.learning_rate": 1e-30,
-                                                          "algorithm.mask_truncated_completions": "false",
-                                                          "baselines.sdft_mode": mode})
+@pytest.mark.parametrize("mode,teacher", [("full_logits", "initial"), ("sampled_token", "initial"), ("full_logits", "live")])
+def test_sdft_teacher_is_the_model_with_the_expert_solution_in_context(tmp_path, tiny_model_dir, tiny_data, mode, teacher):
+    """At the second step (the policy has moved once): sdft/reverse_kl must equal the per-token
+    KL(pi(. | q) || pi_T(. | P(q, k))) from plain forwards (full_logits), or its sampled-token estimate
+    log pi(o | q) - log pi_T(o | P(q, k)) (sampled_token), over the rows in the loss; pi is the policy
+    before that update, pi_T the starting model (initial) or that same policy (live)."""
+    import copy
+
+    t = _trainer(tmp_path, tiny_model_dir, tiny_data, **{"train.max_steps": 2, "algorithm.mask_truncated_completions": "false",
+                                                          "baselines.sdft_mode": mode, "baselines.sdft_teacher": teacher})
+    start = copy.deepcopy(t.core)
     seen = {}
     inner = t.updater
 
     def spy(seqs, adv, valid, keep_logp=()):
-        seen["seqs"], seen["valid"] = list(seqs), valid.clone()
+        seen["seqs"], seen["valid"], seen["policy"] = list(seqs), valid.clone(), copy.deepcopy(t.core)
         return inner(seqs, adv, valid, keep_logp)
 
     t.updater = spy
     t.train()
     m = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()][-1]
-    seqs, valid = seen["seqs"], seen["valid"]
+    seqs, valid, policy = seen["seqs"], seen["valid"], seen["policy"]
+    assert any(not torch.equal(a, b) for a, b in zip(policy.parameters(), start.parameters()))  # it has moved
+    teacher_model = start if teacher == "initial" else policy
     assert all(s.kind == KIND_DISTILL for s in seqs)
     num = den = 0.0
     for s, v in zip(seqs, valid.tolist()):
-        assert s.teacher_prompt_ids is not None and s.teacher_prompt_ids != s.prompt_ids
+        if s.teacher_prompt_ids is None:  # a prompt without an expert solution: no teacher, not counted
+            continue
+        assert s.teacher_prompt_ids != s.prompt_ids
         if not v or not s.completion_ids:
             continue
-        lq = _explicit_logprobs(t.core, s.prompt_ids, s.completion_ids, 0.9)
-        lt = _explicit_logprobs(t.core, s.teacher_prompt_ids, s.completion_ids, 0.9)
+        lq = _explicit_logprobs(policy, s.prompt_ids, s.completion_ids, 0.9)
+        lt = _explicit_logprobs(teacher_model, s.teacher_prompt_ids, s.completion_ids, 0.9)
         if mode == "full_logits":
             num += float((lq.exp() * (lq - lt)).sum())
         else:

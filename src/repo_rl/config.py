@@ -199,9 +199,11 @@ class BaselinesConfig:
     """sdft: the teacher's context P(q, k), a format string with ``{question}`` and ``{solution}``
     (None: repo.rephrase_template, the context RePO rephrases from, so the two methods differ only
     in what they do with it)."""
-    sdft_teacher: Literal["live", "initial"] = "live"
-    """sdft: the teacher's weights, ``live`` (the current policy, stop-gradient) or ``initial`` (the
-    starting model, TRL's ``teacher_model_kind=base``; a second copy of the model unless LoRA)."""
+    sdft_teacher: Literal["initial", "live"] = "initial"
+    """sdft: the teacher's weights, ``initial`` (the starting model, TRL's default
+    ``teacher_model_kind=base``; a second copy of the model unless LoRA) or ``live`` (the current
+    policy, stop-gradient). A live teacher can collapse with its student: in the toy world at lr 1e-3
+    both came to write one token whatever the context, at zero KL (docs/RESULTS.md)."""
     sdft_mode: Literal["full_logits", "sampled_token"] = "full_logits"
     """sdft: ``full_logits``, the exact per-token KL(pi || pi_T) over the vocabulary (a second
     ``[batch, length, vocab]`` logits tensor per micro-batch), or ``sampled_token``, its estimate on
