@@ -230,7 +230,7 @@ KIND_SHAPED = LOSSES["shaped"].id
 KIND_SFT = LOSSES["sft"].id
 """Negative log-likelihood (HPT/ReLIFT switch, SFT)."""
 KIND_DISTILL = LOSSES["distill"].id
-"""On-policy self-distillation (SDFT): reverse KL to the teacher on the sampled tokens."""
+"""On-policy self-distillation (SDFT): reverse KL to the teacher at each completion token."""
 
 
 def reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:

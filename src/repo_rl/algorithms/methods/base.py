@@ -34,7 +34,7 @@ class Method:
     """False for pure SFT: no generation, NLL on expert solutions."""
     rollout_loss: str = "policy"
     """Registered loss of the on-policy rollouts: ``policy`` (clipped surrogate), or ``distill``
-    (SDFT: reverse KL to the policy itself with the expert solution in context, per token)."""
+    (SDFT: reverse KL to the model with the expert solution in context, per token)."""
     requires_solution: bool = False
     """Whether training rows need an expert solution for the method to do anything (checked at start)."""
     phases: tuple[str, ...] = ()
@@ -63,8 +63,8 @@ class Method:
 
     @property
     def teacher(self) -> bool:
-        """Whether the rollouts are scored by a teacher: the policy with the expert solution in
-        context (``baselines.sdft_template``)."""
+        """Whether the rollouts are scored by a teacher: the model with the expert solution in
+        context (``baselines.sdft_template``, ``baselines.sdft_teacher``)."""
         return LOSSES[self.rollout_loss].teacher
 
     @property
