@@ -602,6 +602,22 @@ class Worker:
         self._log.close()
 
 
+def run_rounds(workers: dict, roles: list[str], warmup: int, steps: int, n_seq: int, records: dict[str, list[dict]],
+               digits: int = 3) -> dict[str, dict]:
+    """``warmup + steps`` rounds of one step per contender, rotating who goes first, into ``records``
+    (each step marked with ``n_seq``, its round and whether it is a warm-up), one printed line per
+    round; returns each contender's final memory stats."""
+    for i in range(warmup + steps):
+        order = roles[i % len(roles):] + roles[: i % len(roles)]
+        for r in order:
+            res = workers[r].call(op="step")
+            res.update(n_seq=n_seq, round=i, warmup=i < warmup)
+            records[r].append(res)
+        line = "  ".join(f"{r}={records[r][-1]['wall']:.{digits}f}s" for r in roles)
+        print(f"  {'warm-up' if i < warmup else 'step'} {i + 1 - (0 if i < warmup else warmup)}: {line}", flush=True)
+    return {r: workers[r].call(op="stats")["mem"] for r in roles}
+
+
 def _median(xs):
     xs = [x for x in xs if x is not None]
     return statistics.median(xs) if xs else float("nan")
@@ -684,7 +700,6 @@ def run_case(name: str, args, work_root: Path) -> dict:
     workers: dict[str, Worker] = {}
     ready: dict[str, dict] = {}
     records: dict[str, list[dict]] = {r: [] for r in roles}
-    mem: dict[str, dict] = {}
     profiles: dict[str, dict] = {}
     try:
         for r in roles:  # started together; setup is not timed against each other
@@ -692,19 +707,7 @@ def run_case(name: str, args, work_root: Path) -> dict:
         for r in roles:
             ready[r] = workers[r].recv()
             print(f"  {r}: set up in {ready[r]['setup_s']:.1f}s after imports, {ready[r]['threads']} threads, optimizer {ready[r]['optimizer']}", flush=True)
-        n_seq = case["prompts"] * case["G"]
-        for i in range(args.warmup + steps):
-            order = roles[i % len(roles):] + roles[: i % len(roles)]  # rotate who goes first
-            for r in order:
-                res = workers[r].call(op="step")
-                res["n_seq"] = n_seq
-                res["round"] = i
-                res["warmup"] = i < args.warmup
-                records[r].append(res)
-            line = "  ".join(f"{r}={records[r][-1]['wall']:.3f}s" for r in roles)
-            print(f"  {'warm-up' if i < args.warmup else 'step'} {i + 1 - (0 if i < args.warmup else args.warmup)}: {line}", flush=True)
-        for r in roles:
-            mem[r] = workers[r].call(op="stats")["mem"]
+        mem = run_rounds(workers, roles, args.warmup, steps, case["prompts"] * case["G"], records)
 
         def measured_of(r):
             return [x for x in records[r] if not x["warmup"]]

@@ -187,7 +187,6 @@ def run_train(args, work: Path) -> dict:
     workers: dict[str, Worker] = {}
     ready: dict[str, dict] = {}
     records: dict[str, list[dict]] = {r: [] for r in roles}
-    mem: dict[str, dict] = {}
     try:
         for r in roles:  # one at a time: engine starts and model loads are timed without each other
             spec_path = work / f"spec-{r}.json"
@@ -197,16 +196,7 @@ def run_train(args, work: Path) -> dict:
             eng = ready[r].get("engine_start_s")
             print(f"  {r}: set up in {ready[r]['setup_s']:.1f}s after imports"
                   + (f" (vLLM engine start {eng:.1f}s)" if eng else "") + f", {ready[r]['threads']} thread(s)", flush=True)
-        for i in range(args.warmup + args.steps):
-            order = roles[i % len(roles):] + roles[: i % len(roles)]
-            for r in order:
-                res = workers[r].call(op="step")
-                res.update(n_seq=n_seq, round=i, warmup=i < args.warmup)
-                records[r].append(res)
-            line = "  ".join(f"{r}={records[r][-1]['wall']:.2f}s" for r in roles)
-            print(f"  {'warm-up' if i < args.warmup else 'step'} {i + 1 - (0 if i < args.warmup else args.warmup)}: {line}", flush=True)
-        for r in roles:
-            mem[r] = workers[r].call(op="stats")["mem"]
+        mem = pvt.run_rounds(workers, roles, args.warmup, args.steps, n_seq, records, digits=2)
     finally:
         for w in workers.values():
             w.close()
