@@ -461,6 +461,14 @@ class Config:
         a = self.algorithm
         return a.epsilon if a.epsilon_high is None else a.epsilon_high
 
+    @property
+    def sdft_template(self) -> tuple[str, str]:
+        """SDFT's teacher prompt template in force and the key it comes from:
+        ``baselines.sdft_template``, or ``repo.rephrase_template`` when that is null."""
+        if self.baselines.sdft_template:
+            return self.baselines.sdft_template, "baselines.sdft_template"
+        return self.repo.rephrase_template, "repo.rephrase_template"
+
 
 def build_config(
     base: dict[str, Any] | None = None, overrides: list[str] | None = None

@@ -107,8 +107,8 @@ def check_rephrase_lengths(cfg: Config, method: alg.Method, examples: list[Examp
         uses.append(("rephrase prompt", "repo.rephrase_template", cfg.repo.rephrase_template,
                      cfg.repo.max_new_tokens or cfg.algorithm.max_completion_length))
     if any(s.teacher for s in specs):
-        key = "baselines.sdft_template" if cfg.baselines.sdft_template else "repo.rephrase_template"
-        uses.append(("SDFT teacher prompt", key, cfg.baselines.sdft_template or cfg.repo.rephrase_template,
+        template, key = cfg.sdft_template
+        uses.append(("SDFT teacher prompt", key, template,
                      cfg.algorithm.max_completion_length))
     for what, key, template, new in uses:
         room = ctx - new

@@ -131,8 +131,7 @@ class StepSampler:
         None for a prompt without an expert solution, whose rollouts then get no distillation signal."""
         if example.solution is None:
             return None
-        template = self.cfg.baselines.sdft_template or self.cfg.repo.rephrase_template
-        return self.renderer.ids(self.renderer.rephrase_prompt(example, template))
+        return self.renderer.ids(self.renderer.rephrase_prompt(example, self.cfg.sdft_template[0]))
 
     def sft_group(self, examples: list[Example], dataset_index: list[int]) -> Group:
         """Pure SFT: the expert solution of each prompt under q, no rollouts."""
