@@ -38,11 +38,16 @@ def _scale(logits: torch.Tensor, temperature: float | torch.Tensor) -> torch.Ten
     return logits if temperature == 1.0 else logits / temperature
 
 
-def _chunk_logprobs(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, want_entropy: bool, temperature):
-    logits = _scale(head(hidden).float(), temperature)
+def logprobs_from_logits(
+    logits: torch.Tensor, targets: torch.Tensor, want_entropy: bool
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Log-probs of ``targets`` under (already scaled) ``logits``, and their entropies when wanted."""
     lp = alg.token_logprobs(logits, targets)
-    ent = alg.entropy_from_logits(logits.detach()) if want_entropy else None
-    return lp, ent
+    return lp, (alg.entropy_from_logits(logits.detach()) if want_entropy else None)
+
+
+def _chunk_logprobs(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, want_entropy: bool, temperature):
+    return logprobs_from_logits(_scale(head(hidden).float(), temperature), targets, want_entropy)
 
 
 def completion_logits(
@@ -75,10 +80,7 @@ def completion_logprobs(
     P, T = prompt_len, completion_len
     targets = ids[:, P : P + T]
     if not chunk_size:
-        logits = completion_logits(model, ids, attn, pos, T, temperature)
-        lp = alg.token_logprobs(logits, targets)
-        ent = alg.entropy_from_logits(logits.detach()) if want_entropy else None
-        return lp, ent
+        return logprobs_from_logits(completion_logits(model, ids, attn, pos, T, temperature), targets, want_entropy)
     decoder = model.get_decoder()
     head = model.get_output_embeddings()
     hidden = decoder(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False).last_hidden_state

@@ -19,7 +19,7 @@ import torch
 from . import algorithms as alg
 from .config import Config
 from .distributed import Dist
-from .logprobs import completion_logits, completion_logprobs
+from .logprobs import completion_logits, completion_logprobs, logprobs_from_logits
 from .step import Sequence_
 
 
@@ -98,8 +98,7 @@ class PolicyUpdate:
         with ctx, self.autocast():
             if want_logits:
                 logits = completion_logits(model, ids, attn, pos, T, temperature)
-                logp = alg.token_logprobs(logits, ids[:, P : P + T])
-                ent = alg.entropy_from_logits(logits.detach()) if want_entropy else None
+                logp, ent = logprobs_from_logits(logits, ids[:, P : P + T], want_entropy)
                 return logp, cmask, ent, logits
             logp, ent = completion_logprobs(
                 model, ids, attn, pos, P, T, self.cfg.train.logprob_chunk_size, want_entropy, temperature
@@ -270,20 +269,21 @@ class PolicyUpdate:
                 old = stack(old_logps)
                 old = logp.detach() if old is None else old
                 kinds = torch.tensor([seqs[i].kind for i in chunk], device=logp.device)
-                # A row without a teacher prompt (no expert solution) is its own teacher: no signal.
-                has = torch.tensor([seqs[i].teacher_prompt_ids is not None for i in chunk], device=logp.device).view(-1, 1)
                 teacher, distill_kl = stack(teacher_logps), None
-                if teacher is not None:
-                    teacher = torch.where(has, teacher, logp.detach())
-                    per_token_kl = (logp - teacher).detach()
-                elif full_kl:
-                    t_logits = self.with_teacher(lambda m: self.forward_logprobs(m, self.teacher_view(mb), False, want_logits=True)[3])
-                    distill_kl = torch.where(has, alg.reverse_kl(logits, t_logits), 0.0)
-                    per_token_kl = distill_kl.detach()
-                if teacher_on and it == 0:
-                    tmask = mask * has.to(mask.dtype)
-                    stats["teacher_kl"] += float((per_token_kl * tmask).sum())
-                    stats["teacher_tokens"] += float(tmask.sum())
+                if teacher_on:
+                    # A row without a teacher prompt (no expert solution) is its own teacher: no signal.
+                    has = torch.tensor([seqs[i].teacher_prompt_ids is not None for i in chunk], device=logp.device).view(-1, 1)
+                    if full_kl:
+                        t_logits = self.with_teacher(lambda m: self.forward_logprobs(m, self.teacher_view(mb), False, want_logits=True)[3])
+                        distill_kl = torch.where(has, alg.reverse_kl(logits, t_logits), 0.0)
+                        per_token_kl = distill_kl.detach()
+                    else:
+                        teacher = torch.where(has, teacher, logp.detach())
+                        per_token_kl = (logp - teacher).detach()
+                    if it == 0:
+                        tmask = mask * has.to(mask.dtype)
+                        stats["teacher_kl"] += float((per_token_kl * tmask).sum())
+                        stats["teacher_tokens"] += float(tmask.sum())
                 adv = alg.token_advantages(advantages[chunk].to(logp.device, logp.dtype), kinds, logp, teacher)
                 per_tok, parts = alg.token_loss(
                     logp, old, adv, kinds, epsilon_low=a.epsilon, epsilon_high=cfg.epsilon_high,
