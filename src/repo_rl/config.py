@@ -25,7 +25,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from .config_checks import validate
-from .config_parse import _build, _merge, _type_name, load_yaml, parse_override
+from .config_parse import _build, _type_name, load_yaml, merge_config, parse_override
 from .errors import ConfigError
 
 
@@ -480,7 +480,7 @@ def build_config(
         nested: Any = value
         for part in reversed(path):
             nested = {part: nested}
-        data = _merge(data, nested)
+        data = merge_config(data, nested)
     cfg = _build(Config, data)
     validate(cfg)
     return cfg

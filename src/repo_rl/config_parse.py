@@ -125,11 +125,12 @@ def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
-def _merge(base: dict, update: dict, prefix: str = "") -> dict:
+def merge_config(base: dict, update: dict, prefix: str = "") -> dict:
+    """``update`` laid over ``base``, mapping by mapping; a mapping over a scalar is a ConfigError."""
     out = dict(base)
     for k, v in update.items():
         if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v, f"{prefix}{k}.")
+            out[k] = merge_config(out[k], v, f"{prefix}{k}.")
         elif isinstance(v, dict) and out.get(k) is not None:
             # e.g. "train: 3" in the file and train.max_steps=5 on the command line
             raise ConfigError(f"{prefix}{k}: expected a mapping, got {out[k]!r}")

@@ -90,14 +90,14 @@ def saved_config(out: Path) -> Optional[dict[str, Any]]:
 def load_resume_config(out: Path, config_path: Optional[str], overrides: list[str], allow_change: bool):
     """The config of ``repo-rl train -o OUT --resume``: ``OUT/config.yaml``, then ``--config``
     (when given), then the overrides; identity changes refused unless ``allow_change``."""
-    from .config import _merge, build_config, load_yaml
+    from .config import build_config, load_yaml, merge_config
 
     saved = saved_config(out)
     if saved is None:
         raise UserError(f"--resume: {out} holds no run (no config.yaml); start it without --resume")
     base = saved
     if config_path:
-        base = _merge(saved, load_yaml(config_path))
+        base = merge_config(saved, load_yaml(config_path))
     cfg = build_config(base, overrides)
     if not allow_change:
         changed = identity_changes(saved, cfg.to_dict())
