@@ -58,6 +58,14 @@ def test_table_gives_mean_and_sd_over_seeds(study):
     assert md.startswith("Before training: val 0.000, held-out 0.020, general 0.400.")
 
 
+def test_table_lists_every_sweep_run_and_marks_the_kept_rate(study):
+    sweep = {1e-5: _summary({20: 0.1}, general=0.4), 1e-4: _summary({20: 0.3}, general=0.05)}
+    md = study.table({"val": 0.0, "heldout": 0.0, "general": 0.4}, {"sft": 1e-4}, {"sft": [sweep[1e-4]]}, {"sft": sweep})
+    rows = [line for line in md.splitlines() if line.startswith("| sft |")]
+    assert [[c.strip() for c in r.strip("|").split("|")][1:5] for r in rows] == [
+        ["1e-05", "0.100", "0.000", "0.400"], ["**0.0001**", "0.300", "0.000", "0.050"]]
+
+
 def _fake_train(calls: list[list[str]], fail: bool = False):
     """Stands in for ``repo-rl train``: records the command and writes a two-evaluation metrics file."""
 

@@ -102,6 +102,13 @@ def table(before: dict, chosen: dict[str, float], runs: dict[str, list[dict]], s
                  fmt([r["reverse_kl"] for r in rs]), fmt([r["entropy"] for r in rs], ".2f"),
                  fmt([r["s_per_step"] for r in rs], ".1f"), fmt([r["wall_s"] / 60 for r in rs], ".1f")]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "The sweep (seed 0 at every rate; the kept rate in bold): pass@1 at the last step.", "",
+              "| method | lr | val | held-out | general | rollout reward |", "|---|---|---|---|---|---|"]
+    for m in runs:
+        for lr, s in sorted(sweep[m].items()):
+            rate = f"**{lr:g}**" if lr == chosen[m] else f"{lr:g}"
+            lines.append(f"| {m} | {rate} | {final(s, 'val'):.3f} | {final(s, 'heldout'):.3f} | {final(s, 'general'):.3f} "
+                         f"| {s['reward']:.3f} |")
     return "\n".join(lines) + "\n"
 
 
