@@ -4,7 +4,7 @@
 
 One row per run directory: held-out and general accuracy at each evaluation, mean reward of the
 on-policy rollouts (``reward/on_policy``),
-rephrases injected and their success rate (RePO), ``repo/logp_gap``, ``sdft/reverse_kl`` (SDFT),
+samples injected (RePO's rephrases, LUFFY's and raw-expert's expert texts), RePO's rephrase success rate, ``repo/logp_gap``, ``sdft/reverse_kl`` (SDFT),
 mean entropy and the median seconds per step.
 """
 
@@ -27,6 +27,13 @@ def _fmt(v: float, spec: str = ".3f") -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
 
 
+def _injected(rows: list[dict]) -> float:
+    """Samples put into groups over the run (RePO's rephrases, LUFFY's and raw-expert's expert
+    texts); nan for a method that injects none."""
+    total = sum(r.get("repo/replaced") or 0.0 for r in rows)
+    return total if total else float("nan")
+
+
 def summarize(run: Path) -> dict:
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     if not rows:
@@ -39,7 +46,7 @@ def summarize(run: Path) -> dict:
         "steps": rows[-1]["step"],
         "evals": {s: (r.get("eval/heldout/pass@1"), r.get("eval/general/pass@1")) for s, r in sorted(evals.items())},
         "reward": _mean([r.get("reward/on_policy") for r in rows]),
-        "injected": sum(r.get("repo/replaced", 0.0) or 0.0 for r in rows) if rephrase else float("nan"),
+        "injected": _injected(rows),
         "rephrase_ok": _mean([r.get("repo/rephrase_success_rate") for r in rephrase]),
         "logp_gap": _mean([r.get("repo/logp_gap") for r in rows]),
         "reverse_kl": _mean([r.get("sdft/reverse_kl") for r in rows]),
@@ -59,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = [summarize(r) for r in args.runs]
     steps = sorted({s for r in runs for s in r["evals"]})
     head = ["run"] + [f"held-out @{s}" for s in steps] + [f"general @{s}" for s in steps] + [
-        "rollout reward", "rephrases injected", "rephrase success", "repo/logp_gap", "sdft/reverse_kl", "entropy", "s/step (median)"]
+        "rollout reward", "samples injected", "rephrase success", "repo/logp_gap", "sdft/reverse_kl", "entropy", "s/step (median)"]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for r in runs:

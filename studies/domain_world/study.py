@@ -85,7 +85,7 @@ def final(summary: dict, split: str) -> float:
 def table(before: dict, chosen: dict[str, float], runs: dict[str, list[dict]], sweep: dict[str, dict[float, dict]]) -> str:
     """The study's markdown table: one row per method, mean ± sd over its seeds."""
     head = ["method", "lr (kept)", "val @end (sweep: lr → val)", "held-out @end", "general @end", "rollout reward",
-            "rephrases injected", "rephrase success", "repo/logp_gap", "sdft/reverse_kl", "entropy",
+            "samples injected", "rephrase success", "repo/logp_gap", "sdft/reverse_kl", "entropy",
             "s/step (median)", "wall min/run"]
     lines = [
         f"Before training: val {before['val']:.3f}, held-out {before['heldout']:.3f}, general {before['general']:.3f}.",
