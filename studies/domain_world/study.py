@@ -108,7 +108,7 @@ def table(before: dict, chosen: dict[str, float], runs: dict[str, list[dict]], s
         for lr, s in sorted(sweep[m].items()):
             rate = f"**{lr:g}**" if lr == chosen[m] else f"{lr:g}"
             lines.append(f"| {m} | {rate} | {final(s, 'val'):.3f} | {final(s, 'heldout'):.3f} | {final(s, 'general'):.3f} "
-                         f"| {s['reward']:.3f} |")
+                         f"| {fmt([s['reward']])} |")
     return "\n".join(lines) + "\n"
 
 
