@@ -2,7 +2,7 @@
 
 ``tests/data/method_golden.json`` holds, per method, the metrics (timings aside), every logged
 completion (text, origin, reward, advantage) and a digest of the final weights of a 3-step run.
-A refactor of the trainer must leave them unchanged. After a change that is meant to move the
+A refactor of the trainer must leave them unchanged (to rounding: see ``_close_weights``). After a change that is meant to move the
 numbers, rewrite the file with ``python -m tests.test_method_golden`` and say why in the commit.
 """
 
@@ -76,7 +76,21 @@ def test_same_seed_same_run_as_recorded(method, tmp_path_factory):
     assert method in golden, f"no recorded run for {method}: run python -m tests.test_method_golden"
     got = run_method(method, tmp_path_factory.getbasetemp() / "golden")
     got = json.loads(json.dumps(got))  # the same float formatting as the file
-    _close(got, golden[method], method)
+    want = golden[method]
+    _close({k: v for k, v in got.items() if k != "weights"}, {k: v for k, v in want.items() if k != "weights"}, method)
+    _close_weights(got["weights"], want["weights"], f"{method}.weights")
+
+
+def _close_weights(got: dict, want: dict, path: str, rel: float = 5e-5) -> None:
+    """Weight digests ([sum, sum of |w|] per tensor) within ``rel`` of the tensor's sum of |w|.
+    A signed sum cancels, so its rounding error scales with the absolute sum, not with itself: the
+    same run on another CPU (AMD EPYC against an Intel Xeon with AMX) moves both by up to ~1e-5 of
+    it, while metrics and completions still agree to 1e-5."""
+    assert set(got) == set(want), f"{path}: keys {sorted(set(got) ^ set(want))}"
+    for name, (s, a) in got.items():
+        s0, a0 = want[name]
+        tol = rel * a0 + 1e-9
+        assert abs(s - s0) <= tol and abs(a - a0) <= tol, f"{path}.{name}: [{s}, {a}] != [{s0}, {a0}] (tolerance {tol:.3g})"
 
 
 if __name__ == "__main__":
