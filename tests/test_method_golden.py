@@ -3,7 +3,8 @@
 ``tests/data/method_golden.json`` holds, per method, the metrics (timings aside), every logged
 completion (text, origin, reward, advantage) and a digest of the final weights of a 3-step run.
 A refactor of the trainer must leave them unchanged (to rounding: see ``_close_weights``). After
-a change that is meant to move the numbers, rewrite the file with ``python -m tests.test_method_golden`` and say why in the commit.
+a change that is meant to move the numbers, rewrite the file with
+``python -m tests.test_method_golden`` and say why in the commit.
 """
 
 from __future__ import annotations
