@@ -295,6 +295,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_eval_parser(sub)
 
+    from .audit import add_audit_parser
+
+    add_audit_parser(sub)
+
     cp = sub.add_parser(
         "compare", intermixed=True,
         help="train several methods on the toy world with the same budget and seeds, then tabulate and plot",

@@ -100,7 +100,7 @@ class DataConfig:
 @dataclass
 class AlgorithmConfig:
     method: str = "repo"
-    """Training method: grpo | repo | raw_expert | luffy | hpt_switch | sft | sft_then_grpo (``repo-rl methods``)."""
+    """Training method: grpo | repo | raw_expert | luffy | hpt_switch | sft | sft_then_grpo | sdft (``repo-rl methods``)."""
     num_generations: int = 8
     """G, rollouts per prompt (group size)."""
     max_completion_length: int = 256
@@ -141,79 +141,6 @@ class AlgorithmConfig:
 
 
 @dataclass
-class RepoConfig:
-    delta: float = 0.5
-    """Failure threshold: a rollout with reward < delta counts as a failure."""
-    rho: float = 0.5
-    """Gate: a group is gated (rephrase triggered) when its failure fraction >= rho."""
-    num_replace: int = 1
-    """How many lowest-reward rollouts a verified rephrase replaces per gated group."""
-    num_attempts: int = 1
-    """Rephrase samples drawn per gated group; verified ones fill the replaced slots."""
-    rephrase_template: str = (
-        "{question}\n\nHere is a reference solution written by an expert:\n{solution}\n\n"
-        "Read the reference solution carefully and make sure you understand it. Then solve the "
-        "problem yourself, step by step, in your own words. Do not mention or refer to the "
-        "reference solution. Put the final answer in \\boxed{{}}."
-    )
-    """Rephrase prompt P(q, k), a format string with ``{question}`` and ``{solution}``."""
-    strip_patterns: list[str] = field(
-        default_factory=lambda: [
-            r"(?im)^\s*(according to|based on|following|as in|as shown in|using) (the )?(reference|expert|given|provided)( solution)?[,:]?\s*",
-            r"(?i)\b(as )?(the )?(reference|expert) solution (says|shows|states)[,:]?\s*",
-            r"(?i)</?(rephrase|rephrased|solution|answer_text|response)>",
-        ]
-    )
-    """Regexes removed from a rephrase before it is verified and injected (meta text, wrapper tags)."""
-    allow_unverified: bool = False
-    """Inject rephrases that fail verification (the paper's ablation; teaches wrong answers as right)."""
-    temperature: Optional[float] = None
-    """Rephrase sampling temperature (None: ``algorithm.temperature``)."""
-    top_p: Optional[float] = None
-    """Rephrase nucleus threshold (None: ``algorithm.top_p``)."""
-    max_new_tokens: Optional[int] = None
-    """Rephrase length limit (None: ``algorithm.max_completion_length``)."""
-    log_prob_gap: bool = True
-    """Log ``repo/logp_gap`` = log pi(o_rep|P(q,k)) - log pi(o_rep|q) over injected rephrases (taken from the
-    sampler and the update's forward pass, so it costs no extra forward in the usual case)."""
-    rephrase_batching: Literal["auto", "with_rollouts", "separate"] = "auto"
-    """Where rephrases are sampled. ``with_rollouts``: the rephrase of every prompt that has an expert
-    solution is sampled in the rollout call (one decode loop per step) and only gated groups' are kept.
-    ``separate``: a second call after the gate, for gated groups only. ``auto``: time both on the first
-    four steps with gated groups (separate, with, with, separate) and keep the faster. Per-row seeds make
-    the samples the same in every mode, so the choice changes speed, never results (only the diagnostic
-    ``repo/logp_gap`` can differ in its last digits between runs that chose differently). The trials are
-    saved in checkpoints. Rephrase sampling settings that differ from the rollout ones always mean
-    ``separate``."""
-
-
-@dataclass
-class BaselinesConfig:
-    luffy_gamma: float = 0.1
-    """LUFFY shaping constant gamma in f(p) = p / (p + gamma)."""
-    luffy_on_policy_stats: bool = True
-    """LUFFY: take the group mean/std from on-policy rollouts only."""
-    sft_steps: Optional[int] = None
-    """sft_then_grpo: steps of SFT before GRPO (None: half of train.max_steps)."""
-    sdft_template: Optional[str] = None
-    """sdft: the teacher's context P(q, k), a format string with ``{question}`` and ``{solution}``
-    (None: repo.rephrase_template, the context RePO rephrases from, so the two methods differ only
-    in what they do with it)."""
-    sdft_teacher: Literal["initial", "live"] = "initial"
-    """sdft: the teacher's weights, ``initial`` (the starting model, TRL's default
-    ``teacher_model_kind=base``; a second copy of the model unless LoRA) or ``live`` (the current
-    policy, stop-gradient). A live teacher can collapse with its student: in the toy world at lr 1e-3
-    both came to write one token whatever the context, at zero KL (docs/RESULTS.md)."""
-    sdft_mode: Literal["full_logits", "sampled_token"] = "full_logits"
-    """sdft: ``full_logits``, the exact per-token KL(pi || pi_T) over the vocabulary (a second
-    ``[batch, length, vocab]`` logits tensor per micro-batch), or ``sampled_token``, its estimate on
-    the sampled token only (TRL's names; TRL's default is a top-k mode, not implemented here)."""
-    sdft_is_clip: Optional[float] = 2.0
-    """sdft: cap of the importance ratio pi / pi_old that weights the loss (TRL's
-    ``distillation_is_clip``; it is 1 unless algorithm.num_iterations > 1). null: no ratio."""
-
-
-@dataclass
 class JudgeConfig:
     """The ``judge`` reward: a model behind an OpenAI-compatible server (``vllm serve``, SGLang, a
     hosted API) says whether a completion's final answer matches the reference."""
@@ -251,9 +178,115 @@ class JudgeConfig:
     """Retries of a request that timed out, could not connect or got HTTP 429 / 5xx (with back-off)."""
     backoff: float = 1.0
     """Seconds before the first retry, doubled for each next one."""
-    cache: Optional[str] = "~/.cache/repo_rl/judge.sqlite"
+    cache: Optional[str] = "~/.cache/repo-rl/judge.sqlite"
     """On-disk cache of verdicts keyed by (prompt, completion, reference, judge model, template), so
     resumed runs and repeated evaluations do not ask twice (null: off)."""
+
+
+@dataclass
+class RepoConfig:
+    delta: float = 0.5
+    """Failure threshold: a rollout with reward < delta counts as a failure."""
+    rho: float = 0.5
+    """Gate: a group is gated (rephrase triggered) when its failure fraction >= rho."""
+    num_replace: int = 1
+    """How many lowest-reward rollouts a verified rephrase replaces per gated group."""
+    num_attempts: int = 1
+    """Rephrase samples drawn per gated group; verified ones fill the replaced slots."""
+    rephrase_template: str = (
+        "{question}\n\nHere is a reference solution written by an expert:\n{solution}\n\n"
+        "Read the reference solution carefully and make sure you understand it. Then solve the "
+        "problem yourself, step by step, in your own words. Do not mention or refer to the "
+        "reference solution. Put the final answer in \\boxed{{}}."
+    )
+    """Rephrase prompt P(q, k), a format string with ``{question}`` and ``{solution}``."""
+    strip_patterns: list[str] = field(
+        default_factory=lambda: [
+            r"(?im)^\s*(according to|based on|following|as in|as shown in|using) (the )?(reference|expert|given|provided)( solution)?[,:]?\s*",
+            r"(?i)\b(as )?(the )?(reference|expert) solution (says|shows|states)[,:]?\s*",
+            r"(?i)</?(rephrase|rephrased|solution|answer_text|response)>",
+        ]
+    )
+    """Regexes removed from a rephrase before it is verified and injected (meta text, wrapper tags)."""
+    allow_unverified: bool = False
+    """Inject rephrases that fail verification (the paper's ablation; teaches wrong answers as right)."""
+    temperature: Optional[float] = None
+    """Rephrase sampling temperature (None: ``algorithm.temperature``)."""
+    top_p: Optional[float] = None
+    """Rephrase nucleus threshold (None: ``algorithm.top_p``)."""
+    max_new_tokens: Optional[int] = None
+    """Rephrase length limit (None: ``algorithm.max_completion_length``)."""
+    log_prob_gap: bool = True
+    """Log ``repo/logp_gap`` = log pi(o_rep|P(q,k)) - log pi(o_rep|q) over injected rephrases (taken from the
+    sampler and the update's forward pass, so it costs no extra forward in the usual case)."""
+    verify: list[str] = field(default_factory=lambda: ["strict"])
+    """Checks a rephrase must pass to be injected, all of them (``repo_rl.verify``): ``reward`` (the
+    training reward on the whole text, fallback extraction included), ``strict`` (the training reward on
+    the last ``\\boxed{}`` alone), ``steps`` (the expert solution's working numbers appear, see
+    ``repo.steps_min``), ``judge`` (an LLM judge of faithfulness, ``repo.judge``), ``row`` (the row's own
+    regular expressions, ``repo.row_check_column``) or a ``pkg.mod:fn`` with TRL's reward signature. One
+    of ``reward`` / ``strict`` must be listed: the injected row's reward is its score. docs/REAL_MODEL.md
+    measures each with ``repo-rl audit-rephrases``."""
+    steps_min: float = 1.0
+    """``steps`` check: the share of the expert solution's working numbers (0 and 1 aside) a rephrase
+    must show. Lower it for long expert traces."""
+    row_check_column: str = "verify"
+    """``row`` check: the data column holding a row's own check, a regular expression or a list of them,
+    each of which must match the rephrase."""
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    """``judge`` check: the server, model and template of the faithfulness judge (template '': the
+    built-in one, ``repo_rl.verify.FAITHFUL_TEMPLATE``; ``{reference}`` is the expert solution)."""
+    fewshot: int = 0
+    """Earlier verified rephrases of this run shown as worked examples in the rephrase prompt (the
+    rephrase bank, ``repo_rl.bank``): as earlier chat turns, or earlier blocks of a plain-text prompt.
+    The bank starts empty and the policy fills it; 0: off."""
+    bank_size: int = 64
+    """Most rephrases the bank keeps (one per training prompt; the oldest leaves first). Saved in checkpoints."""
+    rephrase_chat: Literal["auto", "never"] = "auto"
+    """``auto``: the rephrase prompt goes through the tokenizer's chat template like training prompts;
+    ``never``: it is plain text (for models whose chat register hurts rephrasing)."""
+    gated_negatives: bool = True
+    """False: in a group that received a rephrase, the on-policy rollouts' negative advantages are set
+    to 0, so the group trains the injected row (and any successful rollout) only. An ablation: it keeps
+    the failed rollouts of hard prompts from pushing the policy away from what it writes."""
+    uptake_after: int = 0
+    """Diagnostic: re-score each injected rephrase under q this many steps after its injection, and log its
+    mean log-prob per token then and now (``repo/uptake_*``); 0: off."""
+    rephrase_batching: Literal["auto", "with_rollouts", "separate"] = "auto"
+    """Where rephrases are sampled. ``with_rollouts``: the rephrase of every prompt that has an expert
+    solution is sampled in the rollout call (one decode loop per step) and only gated groups' are kept.
+    ``separate``: a second call after the gate, for gated groups only. ``auto``: time both on the first
+    four steps with gated groups (separate, with, with, separate) and keep the faster. Per-row seeds make
+    the samples the same in every mode, so the choice changes speed, never results (only the diagnostic
+    ``repo/logp_gap`` can differ in its last digits between runs that chose differently). The trials are
+    saved in checkpoints. Rephrase sampling settings that differ from the rollout ones always mean
+    ``separate``."""
+
+
+@dataclass
+class BaselinesConfig:
+    luffy_gamma: float = 0.1
+    """LUFFY shaping constant gamma in f(p) = p / (p + gamma)."""
+    luffy_on_policy_stats: bool = True
+    """LUFFY: take the group mean/std from on-policy rollouts only."""
+    sft_steps: Optional[int] = None
+    """sft_then_grpo: steps of SFT before GRPO (None: half of train.max_steps)."""
+    sdft_template: Optional[str] = None
+    """sdft: the teacher's context P(q, k), a format string with ``{question}`` and ``{solution}``
+    (None: repo.rephrase_template, the context RePO rephrases from, so the two methods differ only
+    in what they do with it)."""
+    sdft_teacher: Literal["initial", "live"] = "initial"
+    """sdft: the teacher's weights, ``initial`` (the starting model, TRL's default
+    ``teacher_model_kind=base``; a second copy of the model unless LoRA) or ``live`` (the current
+    policy, stop-gradient). A live teacher can collapse with its student: in the toy world at lr 1e-3
+    both came to write one token whatever the context, at zero KL (docs/RESULTS.md)."""
+    sdft_mode: Literal["full_logits", "sampled_token"] = "full_logits"
+    """sdft: ``full_logits``, the exact per-token KL(pi || pi_T) over the vocabulary (a second
+    ``[batch, length, vocab]`` logits tensor per micro-batch), or ``sampled_token``, its estimate on
+    the sampled token only (TRL's names; TRL's default is a top-k mode, not implemented here)."""
+    sdft_is_clip: Optional[float] = 2.0
+    """sdft: cap of the importance ratio pi / pi_old that weights the loss (TRL's
+    ``distillation_is_clip``; it is 1 unless algorithm.num_iterations > 1). null: no ratio."""
 
 
 @dataclass

@@ -78,6 +78,7 @@ def validate(cfg: Config) -> None:
     if r.max_new_tokens is not None:
         check(r.max_new_tokens >= 1, "repo.max_new_tokens", "a positive integer", r.max_new_tokens)
     check_template(r.rephrase_template, "repo.rephrase_template")
+    _check_verify(cfg)
     if cfg.baselines.sdft_template is not None:
         check_template(cfg.baselines.sdft_template, "baselines.sdft_template")
     if cfg.baselines.sdft_mode == "full_logits" and METHODS[a.method].teacher and t.logprob_chunk_size:
@@ -153,6 +154,40 @@ def validate(cfg: Config) -> None:
         raise ConfigError("data.train_files: expected at least one file")
 
 
+def _check_verify(cfg: Config) -> None:
+    from .verify import ANSWER_CHECKS, BUILTIN_CHECKS
+
+    r = cfg.repo
+    check(bool(r.verify), "repo.verify", "at least one check (reward, strict, steps, judge, row or pkg.mod:fn)", r.verify)
+    for spec in r.verify:
+        if spec not in BUILTIN_CHECKS and ":" not in spec and "." not in spec:
+            close = difflib.get_close_matches(spec, list(BUILTIN_CHECKS), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"repo.verify: unknown check {spec!r}{hint}; expected {', '.join(BUILTIN_CHECKS)} or pkg.mod:fn")
+    check(len(set(r.verify)) == len(r.verify), "repo.verify", "each check once", r.verify)
+    check(any(c in ANSWER_CHECKS for c in r.verify), "repo.verify",
+          "reward or strict among the checks (the injected rephrase's reward is that check's score)", r.verify)
+    check(0 < r.steps_min <= 1, "repo.steps_min", "a number in (0, 1]", r.steps_min)
+    check(r.fewshot >= 0, "repo.fewshot", "an integer >= 0 (0: off)", r.fewshot)
+    check(r.bank_size >= r.fewshot, "repo.bank_size", f"an integer >= repo.fewshot ({r.fewshot})", r.bank_size)
+    check(r.uptake_after >= 0, "repo.uptake_after", "an integer >= 0 (0: off)", r.uptake_after)
+    check(bool(r.row_check_column.strip()), "repo.row_check_column", "a column name", r.row_check_column)
+    if "judge" in r.verify:
+        _check_judge(r.judge, "repo.judge")
+
+
+def _check_judge(j: Any, key: str) -> None:
+    check(bool(j.model.strip()), f"{key}.model", "the model name the judge server serves", j.model)
+    check(j.base_url.startswith(("http://", "https://")), f"{key}.base_url", "an http:// or https:// URL", j.base_url)
+    check(j.concurrency >= 1, f"{key}.concurrency", "an integer >= 1", j.concurrency)
+    check(0 < j.timeout < float("inf"), f"{key}.timeout", "a finite number of seconds > 0", j.timeout)
+    check(j.retries >= 0, f"{key}.retries", "an integer >= 0", j.retries)
+    check(j.backoff >= 0, f"{key}.backoff", "a number of seconds >= 0", j.backoff)
+    check(j.max_tokens >= 1, f"{key}.max_tokens", "an integer >= 1", j.max_tokens)
+    check(j.max_score > 0, f"{key}.max_score", "a number > 0", j.max_score)
+    check(j.max_answer_chars >= 1, f"{key}.max_answer_chars", "an integer >= 1", j.max_answer_chars)
+
+
 def _check_routing_and_judge(cfg: Config) -> None:
     rw = cfg.reward
     if rw.by_domain is not None:
@@ -166,13 +201,4 @@ def _check_routing_and_judge(cfg: Config) -> None:
         unused = [f for f in rw.funcs if f not in used]
         check(not unused, "reward.funcs", "only functions some reward.by_domain entry routes to", unused)
     if "judge" in rw.funcs:
-        j = rw.judge
-        check(bool(j.model.strip()), "reward.judge.model", "the model name the judge server serves", j.model)
-        check(j.base_url.startswith(("http://", "https://")), "reward.judge.base_url", "an http:// or https:// URL", j.base_url)
-        check(j.concurrency >= 1, "reward.judge.concurrency", "an integer >= 1", j.concurrency)
-        check(0 < j.timeout < float("inf"), "reward.judge.timeout", "a finite number of seconds > 0", j.timeout)
-        check(j.retries >= 0, "reward.judge.retries", "an integer >= 0", j.retries)
-        check(j.backoff >= 0, "reward.judge.backoff", "a number of seconds >= 0", j.backoff)
-        check(j.max_tokens >= 1, "reward.judge.max_tokens", "an integer >= 1", j.max_tokens)
-        check(j.max_score > 0, "reward.judge.max_score", "a number > 0", j.max_score)
-        check(j.max_answer_chars >= 1, "reward.judge.max_answer_chars", "an integer >= 1", j.max_answer_chars)
+        _check_judge(rw.judge, "reward.judge")

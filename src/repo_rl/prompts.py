@@ -48,21 +48,39 @@ class PromptRenderer:
         # A chat template already contains the BOS token where the model wants one.
         return list(self.tokenizer(text, add_special_tokens=not self.use_chat)["input_ids"])
 
-    def rephrase_prompt(self, example: Example, template: str) -> Prompt:
+    def rephrase_prompt(self, example: Example, template: str, shots: Sequence[Any] = ()) -> Prompt:
         """P(q, k): the question and the expert solution in the rephrase template.
 
         For a chat prompt the last user message is replaced, so system messages and earlier
-        turns are kept.
+        turns are kept. ``shots`` (:class:`repo_rl.bank.BankEntry`: ``question``, ``solution``,
+        ``text``) come first as earlier turns: the template filled with a shot's question and
+        solution, answered by its rephrase; the prompt is then a list of messages.
         """
         if example.solution is None:
             raise ValueError(f"example {example.id} has no expert solution to rephrase")
         body = template.format(question=example.question_text, solution=example.solution)
-        if isinstance(example.prompt, str):
+        if isinstance(example.prompt, str) and not shots:
             return body
+        turns: list[dict[str, str]] = []
+        for shot in shots:
+            turns.append({"role": "user", "content": template.format(question=shot.question, solution=shot.solution)})
+            turns.append({"role": "assistant", "content": shot.text})
+        if isinstance(example.prompt, str):
+            system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+            return system + turns + [{"role": "user", "content": body}]
         msgs = list(example.prompt)
         last_user = max(i for i, m in enumerate(msgs) if m["role"] == "user")
-        msgs[last_user] = {"role": "user", "content": body}
-        return msgs
+        return msgs[:last_user] + turns + [{"role": "user", "content": body}] + msgs[last_user + 1:]
+
+    def rephrase_ids(self, example: Example, template: str, shots: Sequence[Any] = (), chat: bool = True) -> list[int]:
+        """Token ids of :meth:`rephrase_prompt`: through the chat template like every prompt, or with
+        ``chat=False`` (``repo.rephrase_chat=never``) as plain text: the user and assistant contents
+        joined by blank lines, system messages left out."""
+        prompt = self.rephrase_prompt(example, template, shots)
+        if (chat and self.use_chat) or (not self.use_chat and not shots):
+            return self.ids(prompt)
+        text = prompt if isinstance(prompt, str) else "\n\n".join(m["content"] for m in prompt if m["role"] != "system")
+        return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
 
 
 def strip_meta(text: str, patterns: Sequence[str]) -> str:

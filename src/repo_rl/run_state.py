@@ -37,6 +37,11 @@ class RunState:
     """L2 norm of the weights after the last good step (``train.max_weight_growth``)."""
     first_bad_step: Optional[int] = None
     """The first step of the current streak of non-finite steps (None: the last step was good)."""
+    bank: Optional[dict[str, Any]] = None
+    """The rephrase bank (:meth:`repo_rl.bank.RephraseBank.state_dict`), taken at save time."""
+    uptake: list[dict[str, Any]] = field(default_factory=list)
+    """``repo.uptake_after``: injected rephrases waiting to be re-scored under q
+    (``step``, ``prompt_ids``, ``completion_ids``, ``logp_then`` per token)."""
 
     @property
     def batching(self) -> Optional[str]:
@@ -55,6 +60,8 @@ class RunState:
             "data_fingerprint": self.data_fingerprint,
             "first_bad_step": self.first_bad_step,
             "good_weight_norm": self.good_weight_norm,
+            "bank": self.bank,
+            "uptake": self.uptake,
         }
 
     @classmethod
@@ -70,6 +77,8 @@ class RunState:
             data_fingerprint=state.get("data_fingerprint"),
             first_bad_step=state.get("first_bad_step"),
             good_weight_norm=state.get("good_weight_norm"),
+            bank=state.get("bank"),
+            uptake=list(state.get("uptake", [])),
         )
 
 

@@ -17,12 +17,14 @@ import torch
 from . import algorithms as alg
 from .config import Config
 from .data import Example
+from .bank import BankEntry, RephraseBank
 from .prompts import PromptRenderer, clean_rephrase
 from .rollout import SamplingParams, derive_seed
 from .step import Group, Rollouts, Sequence_
+from .verify import RephraseVerifier
 
 # Seed streams, so rollouts, rephrases and eval samples never share random numbers.
-STREAM_ROLLOUT, STREAM_REPHRASE, STREAM_EVAL, STREAM_STEP = 1, 2, 3, 4
+STREAM_ROLLOUT, STREAM_REPHRASE, STREAM_EVAL, STREAM_STEP, STREAM_BANK = 1, 2, 3, 4, 5
 
 
 class StepSampler:
@@ -38,6 +40,9 @@ class StepSampler:
         sample: Callable[[list[list[int]], SamplingParams, list[int], bool], tuple[list[list[int]], Optional[list[list[float]]]]],
         logprobs_under: Callable[[list[Sequence_]], list[torch.Tensor]],
         prompt_ids: Callable[[int], list[int]],
+        verifier: Optional[RephraseVerifier] = None,
+        bank: Optional[RephraseBank] = None,
+        context_length: Optional[int] = None,
     ) -> None:
         self.cfg, self.tokenizer, self.renderer = cfg, tokenizer, renderer
         self.eos_ids = list(eos_ids)
@@ -47,6 +52,12 @@ class StepSampler:
         self.logprobs_under = logprobs_under
         """No-grad log-probs of sequences under the current policy, at the training temperature."""
         self.prompt_ids = prompt_ids
+        self.verifier = verifier
+        """``repo.verify`` on rephrases (None: the training reward, ``reward >= repo.delta``)."""
+        self.bank = bank if bank is not None else RephraseBank(0)
+        """Earlier verified rephrases shown as worked examples (``repo.fewshot``); the trainer fills it."""
+        self.context_length = context_length
+        """Tokens a prompt and its new tokens may take (the model's or the engine's); None: unbounded."""
 
     # ------------------------------------------------------------------ helpers
     def decode(self, ids: Sequence[int]) -> str:
@@ -80,13 +91,29 @@ class StepSampler:
     def rephrase_rows(
         self, examples: list[Example], dataset_index: list[int], positions: Sequence[int], step: int
     ) -> tuple[list[list[int]], list[int]]:
-        """Rephrase prompts P(q, k) and seeds: ``num_attempts`` rows per prompt position, in order."""
+        """Rephrase prompts P(q, k) and seeds: ``num_attempts`` rows per prompt position, in order.
+
+        With ``repo.fewshot``, each row shows its own draw of bank entries (seeded like the row), as
+        many as fit the context with room for ``repo.max_new_tokens``."""
         cfg = self.cfg
+        r = cfg.repo
+        chat = r.rephrase_chat == "auto"
+        room = None if self.context_length is None else self.context_length - self.rephrase_params().max_new_tokens
         rows, seeds = [], []
         for n in positions:
-            ids = self.renderer.ids(self.renderer.rephrase_prompt(examples[n], cfg.repo.rephrase_template))
+            ex = examples[n]
             occurrence = dataset_index[:n].count(dataset_index[n])
-            for a in range(cfg.repo.num_attempts):
+            plain = None
+            for a in range(r.num_attempts):
+                shots = self.bank.pick(r.fewshot, ex.id, derive_seed(cfg.train.seed, STREAM_BANK, step, dataset_index[n], occurrence, a))
+                if shots:
+                    ids = self.renderer.rephrase_ids(ex, r.rephrase_template, shots, chat)
+                    while shots and room is not None and len(ids) > room:
+                        shots = shots[1:]  # the oldest example goes first
+                        ids = self.renderer.rephrase_ids(ex, r.rephrase_template, shots, chat)
+                if not shots:
+                    plain = plain if plain is not None else self.renderer.rephrase_ids(ex, r.rephrase_template, (), chat)
+                    ids = plain
                 rows.append(ids)
                 seeds.append(derive_seed(cfg.train.seed, STREAM_REPHRASE, step, dataset_index[n], occurrence, a))
         return rows, seeds
@@ -190,6 +217,8 @@ class StepSampler:
         gated = method.gated(R, eligible, cfg.repo.delta, cfg.repo.rho)
         counters = {f"repo/{key}": 0.0 for key in ("attempts", "verified", "replaced", "positive")}
         counters["repo/groups"], counters["repo/gated"] = float(N), float(gated.sum())
+        if method.rephrases:  # the same keys on every rank and every step
+            counters.update(self.verifier.zero_counters() if self.verifier is not None else {"repo/reward_ok": 0.0})
         group = Group(examples, dataset_index, list(rollouts.sequences), list(rollouts.texts), rewards,
                       torch.zeros(N * G, dtype=torch.long), torch.zeros(N * G, dtype=torch.bool), counters,
                       batching=rollouts.batching)
@@ -212,12 +241,22 @@ class StepSampler:
         if method.rephrases:
             t0 = time.perf_counter()
             cand_examples = [examples[n] for n in gidx for _ in range(A)]
-            cand_r, rmetrics = self.scorer([e.prompt for e in cand_examples], cand_texts, cand_examples)
+            if self.verifier is not None:
+                verdicts = self.verifier(cand_examples, cand_texts)
+                cand_r, passed = verdicts.score, verdicts.passed
+                for key, v in verdicts.counters.items():
+                    counters[key] = counters.get(key, 0.0) + v  # rewards/* counters of the checks' reward calls too
+            else:
+                cand_r, rmetrics = self.scorer([e.prompt for e in cand_examples], cand_texts, cand_examples)
+                passed = cand_r >= cfg.repo.delta  # NaN compares False
+                for key in ("rewards/verifier_errors", "rewards/verifier_timeouts", *(k for k in rmetrics if k.startswith("rewards/judge_"))):
+                    counters[key] = counters.get(key, 0.0) + rmetrics[key]
+                counters["repo/reward_ok"] = float(passed.sum())
             timings["reward"] = timings.get("reward", 0.0) + time.perf_counter() - t0
-            for key in ("rewards/verifier_errors", "rewards/verifier_timeouts", *(k for k in rmetrics if k.startswith("rewards/judge_"))):
-                counters[key] = counters.get(key, 0.0) + rmetrics[key]
-            verified = (cand_r >= cfg.repo.delta).view(len(gidx), A)
+            verified = passed.view(len(gidx), A)
             counters["repo/attempts"], counters["repo/verified"] = float(verified.numel()), float(verified.sum())
+            group.bank_candidates = [BankEntry(e.id, e.question_text, e.solution or "", t, step)
+                                     for e, t, ok in zip(cand_examples, cand_texts, passed.tolist()) if ok]
             k, origin = cfg.repo.num_replace, alg.ORIGIN_REPHRASED
         else:
             # The expert solution is the reference: it is taken as correct (reward 1) whether or

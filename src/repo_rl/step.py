@@ -64,3 +64,5 @@ class Group:
     gap_under_p: dict[int, float] = field(default_factory=dict)
     """Injected rephrase rows (flat position) -> log pi(o_rep | P(q, k)), for ``repo/logp_gap``."""
     batching: str = "separate"
+    bank_candidates: list = field(default_factory=list)
+    """Rephrases that passed ``repo.verify`` this step (:class:`repo_rl.bank.BankEntry`), for the bank."""

@@ -52,7 +52,16 @@ def counter_metrics(c: dict[str, float]) -> dict[str, float]:
     for key in ("rewards/verifier_errors", "rewards/verifier_timeouts", "rewards/invalid"):
         m[key] = c.get(key, 0.0)
     m["repo/gate_rate"] = ratio("repo/gated", "repo/groups") if c["repo/groups"] else 0.0
+    # Rephrases: verified by repo.verify (what may be injected), by the training reward alone (the lax
+    # rate of old runs), how many of the latter only through fallback extraction, and each check's rate.
     m["repo/rephrase_success_rate"] = ratio("repo/verified", "repo/attempts")
+    m["repo/rephrase_reward_rate"] = ratio("repo/reward_ok", "repo/attempts")
+    m["repo/rephrase_fallback_rate"] = ratio("repo/fallback", "repo/reward_ok") if "repo/fallback" in c else float("nan")
+    for key in sorted(k for k in c if k.startswith("repo/verify/")):
+        m[key] = ratio(key, "repo/attempts")
+    for key in sorted(k for k in c if k.startswith("repo/judge_")):
+        m[key] = c[key]
+    m["repo/injected_logp_q"] = ratio("repo/inj_logp_sum", "repo/inj_logp_n")
     m["repo/replaced"] = c["repo/replaced"]
     m["repo/utilization"] = ratio("repo/positive", "repo/gated")
     m["repo/logp_gap"] = ratio("repo/gap_sum", "repo/gap_n")

@@ -33,7 +33,8 @@ from .evaluate import pass_at_k
 from .logprobs import check_chunkable
 from .malloc import set_mmap_threshold
 from .modeling import apply_lora, eos_token_ids, load_model_and_tokenizer
-from .preflight import check_prompt_lengths, check_rephrase_lengths, check_solutions, resolve_data
+from .bank import RephraseBank
+from .preflight import check_prompt_lengths, check_rephrase_lengths, check_solutions, check_verify, context_limit, resolve_data
 from .prompts import PromptRenderer
 from .rewards.scorer import RewardScorer
 from .rollout import BATCHING_TRIALS, SamplingParams, derive_seed, make_generator
@@ -54,6 +55,7 @@ from .step_metrics import (
 )
 from .tracking import JsonlWriter, Trackers, check_writable
 from .update import PolicyUpdate, lr_factor
+from .verify import RephraseVerifier
 
 
 class Trainer:
@@ -84,7 +86,7 @@ class Trainer:
         :meth:`train` does this when it ends, a failed start here."""
         if self.lock is not None:
             self.lock.release()
-        for name in ("scorer", "generator"):
+        for name in ("scorer", "verifier", "generator"):
             close = getattr(getattr(self, name, None), "close", None)
             if callable(close):
                 close()
@@ -133,6 +135,11 @@ class Trainer:
         self.scorer = RewardScorer(cfg.reward.funcs, cfg.reward.weights, cfg.reward.timeout, judge=cfg.reward.judge,
                                    by_domain=cfg.reward.by_domain)
         self.scorer.check_domains(self.train_examples, "data.train_files")
+        phases = [alg.METHODS[p] for p in self.method.phases] if self.method.phases else [self.method]
+        self.verifier = None
+        if any(p.rephrases for p in phases):
+            check_verify(cfg, self.train_examples, self.scorer, self._say if self.dist.is_main else (lambda msg: None))
+            self.verifier = RephraseVerifier(cfg, self.scorer)
         for name, rows in self.eval_examples.items():
             self.scorer.check_domains(rows, f"data.eval_files ({name})")
 
@@ -202,8 +209,10 @@ class Trainer:
         self.updater = PolicyUpdate(self.cfg, self.dist, self.model, self.core, self.ref_model, self.optimizer, self.scheduler,
                                     self.device, self.tokenizer.pad_token_id, self.autocast_dtype, self.lora)
         self.sampler = PromptSampler(len(self.train_examples), t.seed, self.cfg.data.shuffle)
+        self.bank = RephraseBank(self.cfg.repo.bank_size if self.cfg.repo.fewshot else 0)
         self.stages = StepSampler(self.cfg, self.tokenizer, self.renderer, self.eos_ids, lambda *a: self.scorer(*a), self._sample,
-                                  lambda seqs: self.updater.logprobs(self.core, seqs), self._prompt_ids)
+                                  lambda seqs: self.updater.logprobs(self.core, seqs), self._prompt_ids,
+                                  verifier=self.verifier, bank=self.bank, context_length=context_limit(self.cfg, self.core))
 
     def _open_run(self) -> None:
         cfg, main = self.cfg, self.dist.is_main
@@ -214,6 +223,7 @@ class Trainer:
             self.run = load_run(self._resume_from, self.out, self.dist, self.model, self.optimizer, self.scheduler, self.sampler, keep)
             if self._resume_from is not None:
                 apply_hyperparameters(self.optimizer, self.scheduler, cfg.train)  # the config's, not the checkpoint's
+            self.bank.load_state_dict(self.run.bank)
             saved = self.run.data_fingerprint
             if saved is not None and saved != fingerprint and not self.allow_config_change:
                 raise UserError(
@@ -274,6 +284,8 @@ class Trainer:
         idx = d.shard(self.sampler.take(cfg.train.prompts_per_step))  # same global order on every rank
         examples = [self.train_examples[i] for i in idx]
         m: dict[str, Any] = {"step": run.step + 1, "epoch": self.sampler.epoch, "phase": method.name}
+        if cfg.repo.uptake_after and method.rephrases:
+            m.update(self._uptake())
 
         if method.rollouts:
             t0 = time.perf_counter()
@@ -292,8 +304,9 @@ class Trainer:
         adv, valid, adv_all, injected_all, reward_m = self._advantages(group, rewards, method)
         m.update(reward_m)
 
+        injected = [i for i, o in enumerate(group.origins.tolist()) if o == alg.ORIGIN_REPHRASED] if method.rephrases else []
         if group.sequences or d.world > 1:
-            res = self.updater(group.sequences, adv, valid, keep_logp=list(group.gap_under_p))
+            res = self.updater(group.sequences, adv, valid, keep_logp=sorted(set(group.gap_under_p) | set(injected)))
             upd, logp_sums = res.metrics, res.logp_sums
             timings.update(res.timings)
             bad = res.skipped or self._exploded()
@@ -305,9 +318,23 @@ class Trainer:
         else:
             upd, logp_sums = {"loss": float("nan"), "train/skipped_step": 1.0}, {}
         gaps = [group.gap_under_p[f] - logp_sums[f] for f in group.gap_under_p if f in logp_sums]
+        # log pi(o_rep | q) per token of the injected rephrases, from the update's forward (before its step).
+        inj_logp = {f: logp_sums[f] / max(len(group.sequences[f].completion_ids), 1) for f in injected if f in logp_sums}
+        if cfg.repo.uptake_after and method.rephrases:
+            mine = [{"step": run.step, "prompt_ids": group.sequences[f].prompt_ids,
+                     "completion_ids": group.sequences[f].completion_ids, "logp_then": v} for f, v in inj_logp.items()]
+            for shard in d.gather(mine):  # every rank holds the whole list, as the checkpoint does
+                run.uptake += shard
+        if method.rephrases:
+            for shard in d.gather(group.bank_candidates):  # rank order: every rank keeps the same bank
+                for entry in shard:
+                    self.bank.add(entry)
+            run.bank = self.bank.state_dict()
         run.step += 1
 
-        counts = merge_counters(reward_counts, group.counters, {"repo/gap_sum": float(sum(gaps)), "repo/gap_n": float(len(gaps))})
+        counts = merge_counters(reward_counts, group.counters, {"repo/gap_sum": float(sum(gaps)), "repo/gap_n": float(len(gaps)),
+                                                               "repo/inj_logp_sum": float(sum(inj_logp.values())),
+                                                               "repo/inj_logp_n": float(len(inj_logp))})
         c = d.sum_dict(counts)
         c.update(d.sum_dict(length_counters(group)))
         if method.rollouts:
@@ -341,6 +368,27 @@ class Trainer:
             raise TrainingError(stop)
         return m
 
+    def _uptake(self) -> dict[str, float]:
+        """``repo.uptake_after``: the injected rephrases due for a second look, re-scored under q with the
+        current weights; their mean log-prob per token at injection (``repo/uptake_logp_then``), now
+        (``repo/uptake_logp_now``) and the difference (``repo/uptake_gain``). NaN when none is due."""
+        run, lag = self.run, self.cfg.repo.uptake_after
+        due = [e for e in run.uptake if run.step - e["step"] >= lag]
+        run.uptake = [e for e in run.uptake if run.step - e["step"] < lag]
+        then = now = 0.0
+        mine = due[self.dist.rank::self.dist.world]  # each rank re-scores its share
+        if mine or self.dist.sharded:
+            seqs = [Sequence_(list(e["prompt_ids"]), list(e["completion_ids"]), False) for e in mine]
+            lps = self.updater.logprobs(self.core, seqs)
+            then = sum(e["logp_then"] for e in mine)
+            now = sum(float(lp.sum()) / max(len(e["completion_ids"]), 1) for e, lp in zip(mine, lps))
+        c = self.dist.sum_dict({"then": then, "now": now, "n": float(len(mine))})
+        nan = float("nan")
+        return {"repo/uptake_logp_then": c["then"] / c["n"] if c["n"] else nan,
+                "repo/uptake_logp_now": c["now"] / c["n"] if c["n"] else nan,
+                "repo/uptake_gain": (c["now"] - c["then"]) / c["n"] if c["n"] else nan,
+                "repo/uptake_n": c["n"]}
+
     def _exploded(self) -> bool:
         """:func:`~repo_rl.health.exploded` after an update (the norm of a good step becomes the
         next reference); not checked when the weights are sharded."""
@@ -371,6 +419,8 @@ class Trainer:
             if method.advantage_stats == "on_policy" and cfg.baselines.luffy_on_policy_stats:
                 stats_mask = origins_all == alg.ORIGIN_ON_POLICY
             adv_all = alg.group_advantages(rewards_all.float(), G, cfg.algorithm.scale_rewards, valid_all, stats_mask=stats_mask)
+            if method.rephrases and not cfg.repo.gated_negatives:
+                adv_all = alg.drop_negatives_beside_injected(adv_all, origins_all, G)
             m = reward_metrics(rewards_all, on_policy_all, [dm for x in shards for dm in x[5]], G)
             all_fail = alg.all_failed(on_policy_all.view(-1, G), cfg.repo.delta).tolist()
             m.update(track_hard_prompts(self.run.first_seen_all_fail, self.run.last_solved, [i for x in shards for i in x[4]], all_fail))

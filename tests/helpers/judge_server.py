@@ -4,6 +4,8 @@ It answers ``GET /v1/models`` and ``POST /v1/chat/completions``. Its ``mode`` sa
 
 - ``match``: YES when the reference answer (between "Reference answer:" and "Student's
   response:" in the built-in template) appears in the student's response, else NO;
+- ``faithful``: for RePO's faithfulness template, YES when every word of four letters or more of
+  the reference solution appears in the student's solution (its working, not its answer), else NO;
 - ``yes`` / ``no``: always that word;
 - ``garbage``: a reply with no verdict;
 - ``fail``: HTTP 500; ``fail_first:K``: HTTP 503 for the first K requests, then ``match``;
@@ -85,6 +87,10 @@ class JudgeServer:
                     reply = "YES"
                 elif mode == "no":
                     reply = "NO"
+                elif mode == "faithful":
+                    m = re.search(r"Reference solution:\n(.*?)\n\nStudent's solution:\n(.*?)\n\nDoes", text, re.S)
+                    words = [w for w in m.group(1).split() if len(w) >= 4] if m else []
+                    reply = "YES" if m and words and all(w in m.group(2) for w in words) else "NO"
                 elif mode == "garbage":
                     reply = "I am not sure what you mean."
                 else:

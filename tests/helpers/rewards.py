@@ -41,3 +41,15 @@ def vowel_share(prompts, completions, answer, **kwargs):
 def fail_odd_answers(prompts, completions, answer, **kwargs):
     """1.0 where the answer is even; below 0.5 (failures that still differ) elsewhere."""
     return [1.0 if int(a) % 2 == 0 else len(_text(c)) / 20.0 for c, a in zip(completions, answer)]
+
+
+def mentions_solution_word(prompts, completions, answer, solution, **kwargs):
+    """A custom rephrase check: 1.0 when the completion names the first word of the expert solution
+    (its unit, in the domain-world style ``wemble:clot = 1:6 ...``)."""
+    return [1.0 if s and s.split(":")[0].split()[0] in _text(c) else 0.0 for c, s in zip(completions, solution)]
+
+
+def needs_working(prompts, completions, answer, **kwargs):
+    """1.0 when the answer occurs in text before a final box, so a boxed answer alone never passes
+    (a reward that needs the whole text, like a format reward)."""
+    return [1.0 if a in _text(c).split("\\boxed")[0] else 0.0 for c, a in zip(completions, answer)]

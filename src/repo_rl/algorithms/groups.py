@@ -195,3 +195,15 @@ def inject_candidates(
     pool = attempt.view(-1).tolist()
     injected = [(flat, pool[src - N * G]) for flat, src in enumerate(source.view(-1).tolist()) if src >= N * G]
     return Injection(new_rewards, origins, injected, accept, cand_rewards)
+
+
+def drop_negatives_beside_injected(advantages: torch.Tensor, origins: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``[N*G]`` advantages with the negative advantages of on-policy rows set to 0 in every group
+    that holds an injected row (``origins != ORIGIN_ON_POLICY``); other groups, the injected rows
+    and positive advantages are unchanged (``repo.gated_negatives=false``: a gated group then
+    trains its injected row, and any successful rollout, without pushing its failures down)."""
+    a = advantages.view(-1, group_size)
+    o = origins.view(-1, group_size)
+    has = (o != ORIGIN_ON_POLICY).any(1, keepdim=True)
+    drop = has & (o == ORIGIN_ON_POLICY) & (a < 0)
+    return torch.where(drop, torch.zeros_like(a), a).reshape(-1)
