@@ -83,7 +83,7 @@ def _fake_train(calls: list[list[str]], fail: bool = False):
                 r.update({"eval/val/pass@1": lr * 1000, "eval/heldout/pass@1": 0.1, "eval/general/pass@1": 0.4})
             rows.append(r)
         (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        (out / "checkpoints" / "checkpoint-2").mkdir(parents=True, exist_ok=True)
+        (out / "checkpoints" / "step-2").mkdir(parents=True, exist_ok=True)
         return 0
 
     return call
@@ -93,7 +93,8 @@ def _args(study, out: Path, *extra: str):
     import argparse
 
     ns = argparse.Namespace(config=HERE / "pilot.yaml", output_dir=str(out), methods=["grpo"], lrs=[1e-5, 1e-4], seeds=2,
-                            steps=2, eval_every=None, jobs=1, keep_checkpoints=False, before_only=None, overrides=list(extra))
+                            steps=2, eval_every=None, jobs=1, keep_checkpoints=False, before_only=None, overrides=list(extra),
+                            data=HERE / "data", splits=study.SPLITS)
     return ns
 
 
@@ -124,7 +125,7 @@ def test_an_interrupted_run_resumes_and_a_run_without_checkpoints_starts_over(st
     calls: list[list[str]] = []
     monkeypatch.setattr(study.subprocess, "call", _fake_train(calls))
     s = study.Study(_args(study, tmp_path))
-    ckpt = tmp_path / "runs" / "grpo-lr1e-05-seed0" / "checkpoints" / "checkpoint-1"
+    ckpt = tmp_path / "runs" / "grpo-lr1e-05-seed0" / "checkpoints" / "step-1"  # the trainer's checkpoint names
     ckpt.mkdir(parents=True)
     s.train("grpo", 1e-5, 0)
     assert "--resume" in calls[-1]
@@ -150,3 +151,13 @@ def test_bad_arguments_are_refused_in_one_line(study, capsys):
     with pytest.raises(SystemExit):
         study.main(["--lrs", "1e-5,x"])
     assert "expected comma-separated numbers" in capsys.readouterr().err
+
+
+def test_another_world_and_other_splits_reach_every_run(study, tmp_path, monkeypatch):
+    calls: list[list[str]] = []
+    monkeypatch.setattr(study.subprocess, "call", _fake_train(calls))
+    args = _args(study, tmp_path)
+    args.data, args.splits = tmp_path / "world", ["train", "val"]
+    study.Study(args).train("grpo", 1e-5, 0)
+    assert f"data.train_files={tmp_path / 'world' / 'train.jsonl'}" in calls[-1]
+    assert f"data.eval_files=[{tmp_path / 'world' / 'train.jsonl'},{tmp_path / 'world' / 'val.jsonl'}]" in calls[-1]

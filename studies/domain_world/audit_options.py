@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         if not path.is_file():
             continue
         s = json.loads(path.read_text())
-        f = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
+        f = lambda x: "-" if x is None or x != x else f"{x:.3f}"  # noqa: E731  (None or NaN)
         lines.append(f"| {name} | {f(s['verified_rate'])} | {f(s['via_fallback'])} | {f(s['checks']['strict'])} | "
                      f"{f(s['faithful_rate'])} | {f(s.get('faithful_rate_full_bank'))} | {f(s['copy_rate'])} | "
                      f"{f(s['faithful_logp_p'])} / {f(s['faithful_logp_q'])} | {s['mean_tokens']:.0f} |")

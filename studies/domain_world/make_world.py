@@ -89,15 +89,18 @@ def general_rows(rng: random.Random, count: int = 40) -> list[dict]:
     return rows
 
 
-def build(seed: int = 0) -> dict[str, list[dict]]:
+def build(seed: int = 0, n_facts: int | None = None) -> dict[str, list[dict]]:
+    """The world of ``seed``; ``n_facts`` keeps its first facts only (the overfit check's small world:
+    the same rates, fewer facts)."""
     rng = random.Random(seed)
     facts = [{"big": big, "small": small, "small_pl": small_pl, "rate": rng.randint(2, 9)} for big, small, small_pl in UNITS]
+    facts = facts[:n_facts]
     return {
         "facts": facts,
         "train": rows_for(facts, [1, 2, 3], TRAIN_WORDINGS, "train", True),
         "val": rows_for(facts, [2, 3], VAL_WORDINGS, "val", True),
         "heldout": rows_for(facts, [4, 5], HELDOUT_WORDINGS, "heldout", False),
-        "general": general_rows(rng),
+        "general": general_rows(rng),  # drawn after every fact's rate, so the same for any n_facts
     }
 
 
@@ -105,10 +108,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(Path(__file__).parent / "data"))
+    ap.add_argument("--facts", type=int, default=None, help="keep the first N facts only (default: all 12)")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    world = build(args.seed)
+    world = build(args.seed, args.facts)
     (out / "facts.json").write_text(json.dumps({"version": VERSION, "seed": args.seed, "facts": world["facts"]}, indent=1) + "\n")
     for split in ("train", "val", "heldout", "general"):
         (out / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in world[split]))

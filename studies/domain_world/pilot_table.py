@@ -4,8 +4,10 @@
 
 One row per run directory: held-out and general accuracy at each evaluation, mean reward of the
 on-policy rollouts (``reward/on_policy``),
-samples injected (RePO's rephrases, LUFFY's and raw-expert's expert texts), RePO's rephrase success rate, ``repo/logp_gap``, ``sdft/reverse_kl`` (SDFT),
-mean entropy and the median seconds per step.
+samples injected (RePO's rephrases, LUFFY's and raw-expert's expert texts), RePO's rephrase success rate
+(rephrases that pass ``repo.verify``), ``repo/logp_gap``, ``sdft/reverse_kl`` (SDFT), mean entropy and the
+median seconds per step. The summary also keeps the share of rephrases the training reward alone
+verifies, the injected rows' log-prob per token under q and their uptake (``repo/uptake_gain``).
 """
 
 from __future__ import annotations
@@ -48,6 +50,9 @@ def summarize(run: Path) -> dict:
         "reward": _mean([r.get("reward/on_policy") for r in rows]),
         "injected": _injected(rows),
         "rephrase_ok": _mean([r.get("repo/rephrase_success_rate") for r in rephrase]),
+        "reward_rate": _mean([r.get("repo/rephrase_reward_rate") for r in rephrase]),
+        "injected_logp_q": _mean([r.get("repo/injected_logp_q") for r in rows]),
+        "uptake_gain": _mean([r.get("repo/uptake_gain") for r in rows]),
         "logp_gap": _mean([r.get("repo/logp_gap") for r in rows]),
         "reverse_kl": _mean([r.get("sdft/reverse_kl") for r in rows]),
         "entropy": _mean([r.get("entropy") for r in rows]),

@@ -43,7 +43,11 @@ from pilot_table import summarize  # noqa: E402
 
 METHODS = ["repo", "grpo", "sft", "sft_then_grpo", "luffy", "raw_expert", "sdft"]
 SPLITS = ["val", "heldout", "general"]
-EVAL_FILES = "data.eval_files=[" + ",".join(f"studies/domain_world/data/{s}.jsonl" for s in SPLITS) + "]"
+LABELS = {"val": "val", "heldout": "held-out", "general": "general", "train": "train"}
+
+
+def eval_files(data: Path, splits: list[str]) -> str:
+    return "data.eval_files=[" + ",".join(str(data / f"{s}.jsonl") for s in splits) + "]"
 
 
 def run_name(method: str, lr: float, seed: int) -> str:
@@ -82,44 +86,52 @@ def final(summary: dict, split: str) -> float:
     return evals[max(evals)] if evals else float("nan")
 
 
-def table(before: dict, chosen: dict[str, float], runs: dict[str, list[dict]], sweep: dict[str, dict[float, dict]]) -> str:
-    """The study's markdown table: one row per method, mean ± sd over its seeds."""
-    head = ["method", "lr (kept)", "val @end (sweep: lr → val)", "held-out @end", "general @end", "rollout reward",
+def table(before: dict, chosen: dict[str, float], runs: dict[str, list[dict]], sweep: dict[str, dict[float, dict]],
+          splits: list[str] = SPLITS) -> str:
+    """The study's markdown table: one row per method, mean ± sd over its seeds. The first split
+    chooses the rate (``val``); the sweep's results follow it in that column."""
+    first, rest = splits[0], splits[1:]
+    head = ["method", "lr (kept)", f"{LABELS.get(first, first)} @end (sweep: lr → {first})",
+            *[f"{LABELS.get(sp, sp)} @end" for sp in rest], "rollout reward",
             "samples injected", "rephrase success", "repo/logp_gap", "sdft/reverse_kl", "entropy",
-            "s/step (median)", "wall min/run"]
+            "s/step (median)", "wall min/run", "rephrases verified by the reward", "injected log-prob/token under q",
+            "uptake gain"]
     lines = [
-        f"Before training: val {before['val']:.3f}, held-out {before['heldout']:.3f}, general {before['general']:.3f}.",
+        "Before training: " + ", ".join(f"{LABELS.get(sp, sp)} {before[sp]:.3f}" for sp in splits) + ".",
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
     ]
     for m, rs in runs.items():
-        swept = ", ".join(f"{lr:g} → {final(s, 'val'):.3f}" for lr, s in sorted(sweep[m].items()))
-        cells = [f"{m} ({len(rs)} seeds)", f"{chosen[m]:g}", f"{fmt([final(r, 'val') for r in rs])} ({swept})",
-                 fmt([final(r, "heldout") for r in rs]), fmt([final(r, "general") for r in rs]),
+        swept = ", ".join(f"{lr:g} → {final(s, first):.3f}" for lr, s in sorted(sweep[m].items()))
+        cells = [f"{m} ({len(rs)} seeds)", f"{chosen[m]:g}", f"{fmt([final(r, first) for r in rs])} ({swept})",
+                 *[fmt([final(r, sp) for r in rs]) for sp in rest],
                  fmt([r["reward"] for r in rs]), fmt([r["injected"] for r in rs], ".1f"),
                  fmt([r["rephrase_ok"] for r in rs], ".2f"), fmt([r["logp_gap"] for r in rs], ".1f"),
                  fmt([r["reverse_kl"] for r in rs]), fmt([r["entropy"] for r in rs], ".2f"),
-                 fmt([r["s_per_step"] for r in rs], ".1f"), fmt([r["wall_s"] / 60 for r in rs], ".1f")]
+                 fmt([r["s_per_step"] for r in rs], ".1f"), fmt([r["wall_s"] / 60 for r in rs], ".1f"),
+                 fmt([r.get("reward_rate", float("nan")) for r in rs], ".2f"),
+                 fmt([r.get("injected_logp_q", float("nan")) for r in rs], ".2f"),
+                 fmt([r.get("uptake_gain", float("nan")) for r in rs], ".2f")]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "The sweep (seed 0 at every rate; the kept rate in bold): pass@1 at the last step.", "",
-              "| method | lr | val | held-out | general | rollout reward |", "|---|---|---|---|---|---|"]
+              "| method | lr | " + " | ".join(LABELS.get(sp, sp) for sp in splits) + " | rollout reward |",
+              "|" + "---|" * (len(splits) + 3)]
     for m in runs:
         for lr, s in sorted(sweep[m].items()):
             rate = f"**{lr:g}**" if lr == chosen[m] else f"{lr:g}"
-            lines.append(f"| {m} | {rate} | {final(s, 'val'):.3f} | {final(s, 'heldout'):.3f} | {final(s, 'general'):.3f} "
-                         f"| {fmt([s['reward']])} |")
+            lines.append(f"| {m} | {rate} | " + " | ".join(f"{final(s, sp):.3f}" for sp in splits) + f" | {fmt([s['reward']])} |")
     return "\n".join(lines) + "\n"
 
 
-def plot(before: dict, runs: dict[str, list[dict]], out_png: Path) -> None:
+def plot(before: dict, runs: dict[str, list[dict]], out_png: Path, splits: list[str] = SPLITS) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for ax, split in zip(axes, SPLITS):
+    fig, axes = plt.subplots(1, len(splits), figsize=(5 * len(splits), 4), squeeze=False)
+    for ax, split in zip(axes[0], splits):
         for m, rs in runs.items():
             steps = sorted({s for r in rs for s in r["evals"][split]})
             ys = [statistics.fmean(r["evals"][split][s] for r in rs if s in r["evals"][split]) for s in steps]
@@ -127,17 +139,17 @@ def plot(before: dict, runs: dict[str, list[dict]], out_png: Path) -> None:
         ax.set_title(f"{split} pass@1 (greedy), mean over seeds")
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    axes[0][0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out_png, dpi=110)
     plt.close(fig)
 
 
-def study_summary(run_dir: Path) -> dict:
+def study_summary(run_dir: Path, splits: list[str] = SPLITS) -> dict:
     """pilot_table's summary of one run, with every split's pass@1 by step and the run's wall time."""
     s = summarize(run_dir)
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    s["evals"] = {sp: {r["step"]: r[f"eval/{sp}/pass@1"] for r in rows if f"eval/{sp}/pass@1" in r} for sp in SPLITS}
+    s["evals"] = {sp: {r["step"]: r[f"eval/{sp}/pass@1"] for r in rows if f"eval/{sp}/pass@1" in r} for sp in splits}
     s["wall_s"] = json.loads((run_dir / "done.json").read_text())["wall_s"]
     return s
 
@@ -149,8 +161,9 @@ class Study:
         (self.out / "runs").mkdir(parents=True, exist_ok=True)
         (self.out / "logs").mkdir(parents=True, exist_ok=True)
         every = args.eval_every or max(1, args.steps // 2)
-        self.overrides = [EVAL_FILES, f"train.max_steps={args.steps}", f"train.save_every={every}",
-                          f"eval.every={every}", *args.overrides]
+        self.splits = args.splits
+        self.overrides = [f"data.train_files={args.data / 'train.jsonl'}", eval_files(args.data, args.splits),
+                          f"train.max_steps={args.steps}", f"train.save_every={every}", f"eval.every={every}", *args.overrides]
         self.env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
         if args.jobs > 1:
             self.env["OMP_NUM_THREADS"] = "1"
@@ -160,7 +173,7 @@ class Study:
         run_dir = self.out / "runs" / name
         if (run_dir / "done.json").is_file():
             return run_dir
-        resume = any((run_dir / "checkpoints").glob("checkpoint-*")) if run_dir.is_dir() else False
+        resume = any((run_dir / "checkpoints").glob("step-*")) if run_dir.is_dir() else False
         if run_dir.exists() and not resume:
             shutil.rmtree(run_dir)
         cmd = [sys.executable, "-m", "repo_rl.cli", "train", "--config", str(self.args.config), "-o", str(run_dir),
@@ -190,7 +203,7 @@ class Study:
                 if subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env) != 0:
                     raise SystemExit(f"[study] the evaluation before training failed; see {self.out / 'logs' / 'before.log'}")
         data = json.loads(path.read_text())
-        return {sp: data[f"eval/{sp}/pass@1"] for sp in SPLITS}
+        return {sp: data[f"eval/{sp}/pass@1"] for sp in self.splits}
 
     def map(self, jobs: list[tuple[str, float, int]]) -> list[Path]:
         with ThreadPoolExecutor(self.args.jobs) as pool:
@@ -201,16 +214,16 @@ class Study:
         t0 = time.perf_counter()
         before = self.before()
         self.map([(m, lr, 0) for m in a.methods for lr in a.lrs])
-        sweep = {m: {lr: study_summary(self.out / "runs" / run_name(m, lr, 0)) for lr in a.lrs} for m in a.methods}
+        sweep = {m: {lr: study_summary(self.out / "runs" / run_name(m, lr, 0), self.splits) for lr in a.lrs} for m in a.methods}
         chosen = {m: pick_lr(sweep[m]) for m in a.methods}
         self.map([(m, chosen[m], s) for m in a.methods for s in range(1, a.seeds)])
-        runs = {m: [study_summary(self.out / "runs" / run_name(m, chosen[m], s)) for s in range(a.seeds)] for m in a.methods}
-        md = table(before, chosen, runs, sweep)
+        runs = {m: [study_summary(self.out / "runs" / run_name(m, chosen[m], s), self.splits) for s in range(a.seeds)] for m in a.methods}
+        md = table(before, chosen, runs, sweep, self.splits)
         (self.out / "study.md").write_text(md, encoding="utf-8")
         (self.out / "study.json").write_text(json.dumps(
             {"before": before, "chosen_lr": chosen, "sweep": sweep, "runs": runs, "args": vars(a) | {"config": str(a.config)},
              "wall_s_this_invocation": time.perf_counter() - t0}, indent=1, default=str), encoding="utf-8")
-        plot(before, runs, self.out / "curves.png")
+        plot(before, runs, self.out / "curves.png", self.splits)
         print(md)
         print(f"[study] wrote {self.out / 'study.md'}, {self.out / 'study.json'}, {self.out / 'curves.png'}")
         return 0
@@ -245,6 +258,10 @@ def _methods(text: str) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", type=Path, default=HERE / "pilot.yaml")
+    ap.add_argument("--data", type=Path, default=HERE / "data",
+                    help="world directory: train.jsonl and one file per split (default: the shipped world)")
+    ap.add_argument("--splits", type=lambda t: [x.strip() for x in t.split(",") if x.strip()], default=SPLITS,
+                    help="evaluation splits, the first choosing the rate (default val,heldout,general)")
     ap.add_argument("--output-dir", "-o", default="runs/domain_world/study")
     ap.add_argument("--methods", type=_methods, default=METHODS)
     ap.add_argument("--lrs", type=_floats, default=[1e-5, 1e-4], help="learning rates of the sweep (default 1e-5,1e-4)")
