@@ -47,7 +47,7 @@ def counter_metrics(c: dict[str, float]) -> dict[str, float]:
         if key.startswith("rewards/") and key.endswith("/count"):
             base = key[: -len("/count")]
             m[f"{base}/mean"] = ratio(f"{base}/sum", key)
-        elif key.startswith("rewards/judge_"):
+        elif key.startswith("rewards/judge_") or key.endswith("/batch_errors"):
             m[key] = c[key]
     for key in ("rewards/verifier_errors", "rewards/verifier_timeouts", "rewards/invalid"):
         m[key] = c.get(key, 0.0)

@@ -534,6 +534,9 @@ class Trainer:
         finally:
             if bar is not None:
                 bar.close()
+            if self.dist.is_main:
+                for line in self.scorer.summary():
+                    self._say(line)
             if self.metrics_log is not None:
                 self.metrics_log.close()
             if self.completions_log is not None:

@@ -81,3 +81,11 @@ class AdversarialMath:
 
 
 adversarial_math = AdversarialMath()
+
+
+def raises_on_batches(prompts, completions, answer, **kwargs):
+    """Scores one completion at a time only: a call on several raises (as a function written for
+    single items does), which the guard absorbs by retrying item by item."""
+    if len(completions) > 1:
+        raise ValueError(f"expected one completion, got {len(completions)}")
+    return [_contains(completions[0], answer[0])]

@@ -221,17 +221,20 @@ def _choose_mode(fn: Any, import_path: str | None) -> Mode:
 
 
 class _Counts:
-    """Thread-safe items / errors / timeouts counters (the shape of :class:`~.base.RewardStats`)."""
+    """Thread-safe items / errors / timeouts counters (the shape of :class:`~.base.RewardStats`), plus
+    ``batch_errors`` (calls on several completions that raised and were retried one by one) and ``calls``."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._c = {"items": 0, "errors": 0, "timeouts": 0}
+        self._c = {"items": 0, "errors": 0, "timeouts": 0, "batch_errors": 0, "calls": 0}
 
-    def record(self, items: int = 0, errors: int = 0, timeouts: int = 0) -> None:
+    def record(self, items: int = 0, errors: int = 0, timeouts: int = 0, batch_errors: int = 0, calls: int = 0) -> None:
         with self._lock:
             self._c["items"] += items
             self._c["errors"] += errors
             self._c["timeouts"] += timeouts
+            self._c["batch_errors"] += batch_errors
+            self._c["calls"] += calls
 
     def snapshot(self) -> dict[str, int]:
         with self._lock:
@@ -305,6 +308,8 @@ class GuardedReward:
         """Consecutive calls in which every completion raised (or the worker died)."""
         self.last_error: str | None = None
         """The last exception the function raised, ``"Type: message"``."""
+        self.batch_error: str | None = None
+        """The last exception of a call on several completions that was then retried one by one."""
         self._own = _Counts()
         self._pool: VerifierPool | None = None
         self._pool_lock = threading.Lock()
@@ -366,7 +371,7 @@ class GuardedReward:
         if n == 0:
             return []
         values: list[float | None] = [None] * n
-        errors = timeouts = 0
+        errors = timeouts = batch_error = 0
         (first,) = self._invoke([(prompts, completions, columns)], self._timeout * n)
         if first.kind == "ok":
             values = list(first.values or [])
@@ -385,6 +390,8 @@ class GuardedReward:
             if n == 1:
                 errors = 1
             else:
+                batch_error = 1
+                self.batch_error = first.message
                 calls = [
                     (_slice(prompts, i, n), [completions[i]], {k: _slice(v, i, n) for k, v in columns.items()})
                     for i in range(n)
@@ -405,9 +412,16 @@ class GuardedReward:
                     f"reward {self.label} raised {self.last_error} on {errors} of {n} completions (retried one by one); "
                     "such completions count as errors (rewards/verifier_errors) and are left out of the loss",
                 )
+            elif batch_error:
+                self._warn_once(
+                    "batch",
+                    f"reward {self.label} raised {first.message} when called on {n} completions at once, but not on "
+                    f"any of them alone; each call is retried one completion at a time, which is slower (counted in "
+                    f"rewards/{self.__name__}/batch_errors; the end of the run says on how many calls)",
+                )
             if timeouts:
                 self._warn_timeout("", 1)
-        self._own.record(items=n, errors=errors, timeouts=timeouts)
+        self._own.record(items=n, errors=errors, timeouts=timeouts, batch_errors=batch_error, calls=1)
         self.failed_calls = self.failed_calls + 1 if errors == n else 0
         if self.failed_calls >= self.max_failed_calls:
             raise TrainingError(
@@ -415,6 +429,15 @@ class GuardedReward:
                 f"last error: {self.last_error}"
             )
         return values
+
+    def batch_error_summary(self) -> str | None:
+        """One line when calls on several completions raised (and were retried one by one): which
+        function, what it raised, on how many of its calls; None when none did."""
+        c = self._own.snapshot()
+        if not c["batch_errors"]:
+            return None
+        return (f"reward {self.label} raised on {c['batch_errors']} of its {c['calls']} calls when given a batch "
+                f"(last: {self.batch_error}); each such call was retried one completion at a time")
 
     def _warn_timeout(self, detail: str, n: int) -> None:
         where = (

@@ -116,33 +116,68 @@ class JudgeStats(RewardStats):
 
 
 class VerdictCache:
-    """Verdicts on disk: one SQLite table ``key -> (score, reply)``; safe across processes."""
+    """Verdicts on disk: one SQLite table ``key -> (score, reply)``; safe across processes.
+
+    A cache that is not a database (a damaged or foreign file) is moved aside to
+    ``<name>.corrupt-<time>`` and a new one started, with one warning; a cache that fails later
+    (disk full, locked too long) is switched off for the rest of the run, with one warning. A
+    verdict cache only saves requests, so neither stops training."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(os.path.expanduser(str(path)))
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
+        self.enabled = True
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._create()
+        except sqlite3.DatabaseError as e:
+            aside = self.path.with_name(f"{self.path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
+            try:
+                self.path.replace(aside)
+                self._create()
+                logger.warning("judge cache %s is not a usable database (%s): moved it to %s and started a new one",
+                               self.path, e, aside.name)
+            except (OSError, sqlite3.Error) as e2:
+                self._disable(f"it is not a usable database ({e}) and could not be replaced ({e2})")
+        except OSError as e:
+            self._disable(f"it cannot be created ({e.strerror or e})")
+
+    def _create(self) -> None:
         with self._connect() as db:
             db.execute("CREATE TABLE IF NOT EXISTS verdicts (key TEXT PRIMARY KEY, score REAL, reply TEXT, created REAL)")
+
+    def _disable(self, why: str) -> None:
+        if self.enabled:
+            logger.warning("judge cache %s: %s; verdicts are not cached for the rest of this run", self.path, why)
+        self.enabled = False
 
     def _connect(self) -> sqlite3.Connection:
         return sqlite3.connect(self.path, timeout=30)
 
     def get_many(self, keys: Sequence[str]) -> dict[str, float]:
         out: dict[str, float] = {}
-        with self._lock, self._connect() as db:
-            for i in range(0, len(keys), 500):
-                chunk = list(keys[i:i + 500])
-                q = f"SELECT key, score FROM verdicts WHERE key IN ({','.join('?' * len(chunk))})"
-                out.update({k: float(v) for k, v in db.execute(q, chunk)})
+        if not self.enabled:
+            return out
+        try:
+            with self._lock, self._connect() as db:
+                for i in range(0, len(keys), 500):
+                    chunk = list(keys[i:i + 500])
+                    q = f"SELECT key, score FROM verdicts WHERE key IN ({','.join('?' * len(chunk))})"
+                    out.update({k: float(v) for k, v in db.execute(q, chunk)})
+        except sqlite3.Error as e:
+            self._disable(f"reading failed ({type(e).__name__}: {e})")
+            return {}
         return out
 
     def put_many(self, rows: Sequence[tuple[str, float, str]]) -> None:
-        if not rows:
+        if not rows or not self.enabled:
             return
         now = time.time()
-        with self._lock, self._connect() as db:
-            db.executemany("INSERT OR REPLACE INTO verdicts VALUES (?, ?, ?, ?)", [(k, s, r, now) for k, s, r in rows])
+        try:
+            with self._lock, self._connect() as db:
+                db.executemany("INSERT OR REPLACE INTO verdicts VALUES (?, ?, ?, ?)", [(k, s, r, now) for k, s, r in rows])
+        except sqlite3.Error as e:
+            self._disable(f"writing failed ({type(e).__name__}: {e})")
 
 
 class JudgeReward(RewardFunction):

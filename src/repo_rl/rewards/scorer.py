@@ -118,6 +118,17 @@ class RewardScorer:
         self.by_domain = dict(by_domain) if by_domain else None
         """``reward.by_domain``: domain -> the labels of the functions that score its rows."""
 
+    def summary(self) -> list[str]:
+        """Lines for the end of a run: functions that raised on whole batches (see
+        :meth:`~.guard.GuardedReward.batch_error_summary`)."""
+        lines = []
+        for fn in self.funcs:
+            say = getattr(fn, "batch_error_summary", None)
+            line = say() if callable(say) else None
+            if line:
+                lines.append(line)
+        return lines
+
     def close(self) -> None:
         """Stop the reward functions' worker processes, if they have any (they restart on use)."""
         for fn in self.funcs:
@@ -266,6 +277,8 @@ class RewardScorer:
                     metrics[f"rewards/{name_k}"] = metrics.get(f"rewards/{name_k}", 0.0) + snap[k] - self._last[i].get(k, 0)
             e = snap.get("errors", 0) - self._last[i].get("errors", 0)
             t = snap.get("timeouts", 0) - self._last[i].get("timeouts", 0)
+            if "batch_errors" in snap:  # a user function: batch calls that raised and were retried item by item
+                metrics[f"rewards/{self.names[i]}/batch_errors"] = float(snap["batch_errors"] - self._last[i].get("batch_errors", 0))
             errors += e
             timeouts += t
             self._last[i] = snap

@@ -1,0 +1,96 @@
+"""What a new user met (a fresh clone on a common CPU): the two faults of the held-out fault cases
+and the small mismatches, each with a test that can fail."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import pytest
+
+from repo_rl.data import Example
+from repo_rl.rewards.judge import JudgeReward, VerdictCache
+from repo_rl.rewards.scorer import RewardScorer
+
+from .helpers.judge_server import JudgeServer
+
+
+# --------------------------------------------------------------------------- a corrupt verdict cache
+
+
+def test_a_corrupt_verdict_cache_is_moved_aside_and_a_new_one_started(tmp_path, caplog):
+    path = tmp_path / "judge.sqlite"
+    path.write_bytes(os.urandom(4096))
+    with caplog.at_level(logging.WARNING, logger="repo_rl.rewards"), JudgeServer() as srv:
+        j = JudgeReward(srv.url, srv.model, cache=str(path), backoff=0.01)
+        assert j(prompts=["q"], completions=["it is 5"], answer=["5"]) == [1.0]
+        assert j(prompts=["q"], completions=["it is 5"], answer=["5"]) == [1.0]
+        assert len(srv.chat_requests()) == 1  # the new cache works: the second call is a hit
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 1 and "not a usable database" in said[0] and "started a new one" in said[0]
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("judge.sqlite.corrupt-")]
+    assert len(aside) == 1 and aside[0].stat().st_size == 4096
+
+
+def test_a_cache_that_fails_later_is_switched_off_with_one_warning(tmp_path, caplog):
+    cache = VerdictCache(tmp_path / "c.sqlite")
+    (tmp_path / "c.sqlite").write_bytes(b"garbage, not sqlite" * 100)  # damaged while the run goes on
+    with caplog.at_level(logging.WARNING, logger="repo_rl.rewards"):
+        assert cache.get_many(["a", "b"]) == {}
+        cache.put_many([("a", 1.0, "YES")])
+        assert cache.get_many(["a"]) == {}
+    assert not cache.enabled and len(caplog.records) == 1 and "not cached for the rest of this run" in caplog.records[0].getMessage()
+
+
+# --------------------------------------------------------------------------- a reward that raises on batches
+
+
+def test_a_reward_that_raises_on_every_batch_is_named_once_and_counted(caplog):
+    scorer = RewardScorer(["tests.helpers.fault_rewards:raises_on_batches"], None, 5.0)
+    exs = [Example("q", a, None, id=f"r{i}") for i, a in enumerate(["5", "7", "9"])]
+    with caplog.at_level(logging.WARNING, logger="repo_rl.rewards"):
+        for _ in range(2):
+            r, m = scorer([e.prompt for e in exs], ["it is 5", "it is 6", "9!"], exs)
+            assert r.tolist() == [1.0, 0.0, 1.0]  # the fallback still scores every item
+            assert m["rewards/raises_on_batches/batch_errors"] == 1.0 and m["rewards/verifier_errors"] == 0.0
+    said = [rec.getMessage() for rec in caplog.records]
+    assert len(said) == 1, said
+    assert "raises_on_batches" in said[0] and "ValueError: expected one completion, got 3" in said[0]
+    (line,) = scorer.summary()
+    assert "raised on 2 of its 2 calls" in line and "ValueError" in line
+    scorer.close()
+    assert RewardScorer(["numeric"], None, 5.0).summary() == []
+
+
+def test_batch_errors_reach_the_step_metrics(tmp_path, tiny_model_dir, tiny_data, capsys):
+    from repo_rl.cli import main
+
+    from .conftest import tiny_overrides
+
+    over = tiny_overrides(tiny_model_dir, tiny_data, **{"reward.funcs": "[tests.helpers.fault_rewards:raises_on_batches]",
+                                                        "train.max_steps": 2, "algorithm.method": "grpo"})
+    assert main(["train", "-o", str(tmp_path / "r"), *over]) == 0
+    rows = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["rewards/raises_on_batches/batch_errors"] == 1.0 for r in rows)
+    err = capsys.readouterr().err
+    assert "reward tests.helpers.fault_rewards:raises_on_batches raised on 2 of its 2 calls" in err
+
+
+@pytest.mark.parametrize("key", ["algorithm.method"])
+def test_config_keys_list_every_method(key, capsys):
+    from repo_rl.algorithms import METHODS
+    from repo_rl.cli import main
+
+    assert main(["config", "--keys"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith(key + " "))
+    assert all(m in line for m in METHODS), line
+
+
+def test_every_cache_lives_under_one_directory():
+    from repo_rl.config import Config
+    from repo_rl.smollm import cache_root
+
+    cfg = Config()
+    assert cfg.reward.judge.cache == cfg.repo.judge.cache == "~/.cache/repo-rl/judge.sqlite"
+    assert cache_root().name == "repo-rl" or "REPO_RL_CACHE" in os.environ
