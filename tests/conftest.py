@@ -84,6 +84,7 @@ def tiny_overrides(model_dir: Path, data: Path, **extra) -> list[str]:
         "repo.num_attempts": 4,
         # The tiny model never boxes an answer: the tests verify rephrases with the reward itself.
         "repo.verify": "[reward]",
+        "train.bf16": "false",  # exact float32, whatever the CPU (train.bf16=auto follows the hardware)
         "logging.progress": False,
     }
     base.update(extra)

@@ -94,3 +94,36 @@ def test_every_cache_lives_under_one_directory():
     cfg = Config()
     assert cfg.reward.judge.cache == cfg.repo.judge.cache == "~/.cache/repo-rl/judge.sqlite"
     assert cache_root().name == "repo-rl" or "REPO_RL_CACHE" in os.environ
+
+
+# --------------------------------------------------------------------------- bf16 follows the hardware
+
+
+@pytest.mark.parametrize("flags,want,needle", [
+    ({"avx2", "avx512f", "avx512_bf16"}, True, "this CPU has avx512_bf16"),
+    ({"avx2", "amx_bf16", "amx_tile"}, True, "this CPU has amx_bf16"),
+    ({"avx2", "fma"}, False, "neither avx512_bf16 nor AMX"),
+    (set(), False, "unknown"),
+])
+def test_bf16_auto_follows_the_cpu(monkeypatch, flags, want, needle):
+    from repo_rl import health
+
+    monkeypatch.setattr(health, "cpu_flags", lambda: flags)
+    on, why = health.resolve_bf16("auto", "cpu")
+    assert on is want and needle in why
+    assert health.resolve_bf16(True, "cpu") == (True, "train.bf16=true")  # an explicit setting wins
+    assert health.resolve_bf16(False, "cpu") == (False, "train.bf16=false")
+
+
+def test_the_start_line_says_which_precision_and_why(monkeypatch, tmp_path, tiny_model_dir, tiny_data, capsys):
+    from repo_rl import health
+    from repo_rl.cli import main
+
+    from .conftest import tiny_overrides
+
+    monkeypatch.setattr(health, "cpu_flags", lambda: {"avx2"})
+    over = [o for o in tiny_overrides(tiny_model_dir, tiny_data, **{"train.max_steps": 1}) if not o.startswith("train.bf16")]
+    assert main(["train", "-o", str(tmp_path / "r"), *over]) == 0
+    err = capsys.readouterr().err
+    assert "precision: float32 (train.bf16=auto: this CPU has neither avx512_bf16 nor AMX" in err
+    assert "bf16: auto" in (tmp_path / "r" / "config.yaml").read_text()  # the setting, resolved again on resume

@@ -127,7 +127,7 @@ class Auditor:
         from .data import load_examples
         from .distributed import Dist
         from .errors import UserError
-        from .health import default_threads
+        from .health import default_threads, resolve_bf16
         from .modeling import eos_token_ids, load_model_and_tokenizer
         from .preflight import check_verify, context_limit, resolve_data
         from .prompts import PromptRenderer
@@ -165,8 +165,9 @@ class Auditor:
         renderer = PromptRenderer(self.tokenizer, cfg.model.chat_template, cfg.model.system_prompt)
         self.renderer = renderer
         eos = eos_token_ids(self.model, self.tokenizer)
-        autocast = torch.bfloat16 if cfg.train.bf16 else None
-        gen_bf16 = cfg.train.bf16 if cfg.train.bf16_generation is None else cfg.train.bf16_generation
+        bf16, _ = resolve_bf16(cfg.train.bf16, torch.device(dev))
+        autocast = torch.bfloat16 if bf16 else None
+        gen_bf16 = bf16 if cfg.train.bf16_generation is None else cfg.train.bf16_generation
         self.generator = make_generator(self.model, eos, self.tokenizer.pad_token_id, cfg.generation.backend,
                                         autocast_dtype=torch.bfloat16 if gen_bf16 else None, **cfg.generation.engine_options())
         self.updater = PolicyUpdate(cfg, dist, self.model, self.model, None, None, None, torch.device(dev),

@@ -334,8 +334,11 @@ class TrainConfig:
     """Learning-rate schedule after warm-up."""
     warmup_steps: int = 0
     """Linear warm-up steps."""
-    bf16: bool = False
-    """bf16 autocast for forward passes (faster on CPUs with avx512_bf16). Off for exact runs."""
+    bf16: Union[bool, Literal["auto"]] = "auto"
+    """bf16 autocast for forward passes. ``auto``: on where the hardware runs bf16 natively, a GPU that
+    supports it or a CPU with avx512_bf16 or AMX, and off elsewhere (on an AVX2-only CPU bf16 is emulated
+    and the update ran ~9x slower than fp32); the start line says which was chosen and why. false for
+    exact runs."""
     bf16_generation: Optional[bool] = None
     """bf16 autocast while sampling (None: same as ``train.bf16``); tiny models sample faster in fp32."""
     threads: Optional[int] = None

@@ -50,3 +50,37 @@ def good_checkpoint_hint(checkpoints: list[Path], first_bad_step: int) -> str:
     if not good:
         return f"no checkpoint predates it: start again with {fix}"
     return f"resume from the last good checkpoint, {good[-1]} (move the later ones aside), with --resume and {fix}"
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from ``/proc/cpuinfo`` (empty where there is none: not Linux)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                if line.startswith(("flags", "Features")):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def resolve_bf16(setting: Any, device: Any) -> tuple[bool, str]:
+    """``train.bf16`` in force on ``device`` and why, for the start line. ``auto`` is on where bf16
+    is native: a CUDA device that supports it, or a CPU with avx512_bf16 or AMX (AVX2 alone
+    emulates bf16, and an update ran ~9x slower there than in fp32)."""
+    if isinstance(setting, bool):
+        return setting, f"train.bf16={str(setting).lower()}"
+    dev = getattr(device, "type", str(device))
+    if dev == "cuda":
+        ok = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+        return ok, f"train.bf16=auto: this GPU {'supports' if ok else 'does not support'} bf16"
+    flags = cpu_flags()
+    native = [f for f in NATIVE_BF16_FLAGS if f in flags]
+    if native:
+        return True, f"train.bf16=auto: this CPU has {' and '.join(native)}"
+    if not flags:
+        return False, "train.bf16=auto: the CPU's features are unknown here, so fp32 (set train.bf16=true to try bf16)"
+    return False, "train.bf16=auto: this CPU has neither avx512_bf16 nor AMX, and emulated bf16 is much slower than fp32"

@@ -38,7 +38,7 @@ from .preflight import check_prompt_lengths, check_rephrase_lengths, check_solut
 from .prompts import PromptRenderer
 from .rewards.scorer import RewardScorer
 from .rollout import BATCHING_TRIALS, SamplingParams, derive_seed, make_generator
-from .health import default_threads, exploded, good_checkpoint_hint, weight_norm, weights_finite
+from .health import default_threads, exploded, good_checkpoint_hint, resolve_bf16, weight_norm, weights_finite
 from .run_dir import RunLock, StopRequested, StopSignals, data_fingerprint
 from .run_state import RunState, apply_hyperparameters, find_resume_checkpoint, load_run, load_weights, save_run
 from .sampling import STREAM_EVAL, STREAM_REPHRASE, STREAM_ROLLOUT, STREAM_STEP, StepSampler  # noqa: F401
@@ -168,8 +168,11 @@ class Trainer:
         self.model.train()
         self.renderer = PromptRenderer(self.tokenizer, cfg.model.chat_template, cfg.model.system_prompt)
         self.eos_ids = eos_token_ids(self.model, self.tokenizer)
-        self.autocast_dtype = torch.bfloat16 if cfg.train.bf16 else None
-        gen_bf16 = cfg.train.bf16 if cfg.train.bf16_generation is None else cfg.train.bf16_generation
+        self.bf16, why = resolve_bf16(cfg.train.bf16, self.device)
+        if self.dist.is_main:
+            self._say(f"precision: {'bf16 autocast' if self.bf16 else 'float32'} ({why})")
+        self.autocast_dtype = torch.bfloat16 if self.bf16 else None
+        gen_bf16 = self.bf16 if cfg.train.bf16_generation is None else cfg.train.bf16_generation
         if cfg.generation.backend == "vllm" and self.dist.world > 1:
             raise UserError("generation.backend=vllm with several processes: not supported yet (one engine per run); launch one process")
         self.generator = make_generator(self.core, self.eos_ids, self.tokenizer.pad_token_id, cfg.generation.backend,
