@@ -127,3 +127,46 @@ def test_the_start_line_says_which_precision_and_why(monkeypatch, tmp_path, tiny
     err = capsys.readouterr().err
     assert "precision: float32 (train.bf16=auto: this CPU has neither avx512_bf16 nor AMX" in err
     assert "bf16: auto" in (tmp_path / "r" / "config.yaml").read_text()  # the setting, resolved again on resume
+
+
+# --------------------------------------------------------------------------- own data on a small-context model
+
+
+def _rows(tmp_path, n=4):
+    data = tmp_path / "own.jsonl"
+    data.write_text("".join(json.dumps({"id": f"r{i}", "prompt": f"what is {i}+1?", "answer": str(i + 1),
+                                        "solution": f"{i} plus one is {i + 1}"}) + "\n" for i in range(n)))
+    return data
+
+
+def test_a_rephrase_prompt_over_the_context_names_the_template_and_counts_the_rows(tmp_path, tiny_model_dir, capsys):
+    from repo_rl.cli import main
+
+    from .conftest import tiny_overrides
+
+    long_template = "{question} {solution} " + "please read the reference carefully. " * 16
+    over = tiny_overrides(tiny_model_dir, _rows(tmp_path), **{"repo.rephrase_template": json.dumps(long_template),
+                                                              "repo.max_new_tokens": 100})
+    rc = main(["train", "-o", str(tmp_path / "r"), *over])
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert rc == 2 and line.startswith("repo-rl: error: r0: the rephrase prompt has ")
+    assert "(4 of 4 rows with a solution do not fit)" in line
+    assert "the largest part is the template and question (repo.rephrase_template): shorten repo.rephrase_template" in line
+    # the solution is named only when it is the long part
+    assert "shorten the solutions" not in line
+
+
+def test_new_tokens_named_when_they_overflow_and_skip_counts_the_rows(tmp_path, tiny_model_dir, capsys):
+    from repo_rl.cli import main
+
+    from .conftest import tiny_overrides
+
+    over = tiny_overrides(tiny_model_dir, _rows(tmp_path), **{"repo.max_new_tokens": 500, "train.max_steps": 1})
+    rc = main(["train", "-o", str(tmp_path / "r"), *over])
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert rc == 2 and "the largest part is the 500 new tokens (repo.max_new_tokens): lower repo.max_new_tokens" in line
+    rc = main(["train", "-o", str(tmp_path / "s"), *over, "data.on_bad_row=skip"])
+    err = capsys.readouterr().err
+    assert rc == 0 and "data: 4 rows whose rephrase prompt does not fit the model's context are never rephrased" in err
+    rows = [json.loads(x) for x in (tmp_path / "s" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["repo/gate_rate"] == 0.0 and rows[0]["repo/rephrase_success_rate"] is None  # no row is ever rephrased

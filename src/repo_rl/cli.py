@@ -138,6 +138,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         if rep.without_solution:
             msg += f", {rep.without_solution} without an expert solution (never rephrased)"
         _info(msg)
+    if trainer.unfit_rephrase_rows:
+        _info(f"data: {trainer.unfit_rephrase_rows} rows whose rephrase prompt does not fit the model's context are never "
+              "rephrased (data.on_bad_row=skip)")
     if trainer.step:
         _info(f"resuming from step {trainer.step}")
     before = None

@@ -93,38 +93,65 @@ def _prefix_exceeds(tokenizer: Any, text: str, bound: int) -> bool:
     return len(text) > cut and len(tokenizer(text[:cut], add_special_tokens=False)["input_ids"]) > bound
 
 
-def check_rephrase_lengths(cfg: Config, method: alg.Method, examples: list[Example], renderer: Any, tokenizer: Any, model: Any) -> None:
+def check_rephrase_lengths(cfg: Config, method: alg.Method, examples: list[Example], renderer: Any, tokenizer: Any,
+                           model: Any) -> int:
     """Prompts P(q, k) (question + expert solution) must fit the model's context with room for the
     tokens that follow them, like training prompts: RePO's rephrase prompts (``repo.rephrase_template``,
     ``repo.max_new_tokens`` new tokens) and SDFT's teacher prompts (``baselines.sdft_template``, a
-    completion). A huge solution is refused at start instead of slowing every step that uses it."""
+    completion). A huge solution is refused at start instead of slowing every step that uses it.
+
+    Every row is checked. The error names what overflows (the template, the solution or the new
+    tokens, with the key that shortens each) and how many rows are affected. With
+    ``data.on_bad_row=skip`` those rows lose their expert solution instead (they are never rephrased)
+    and their number is returned for the start line."""
     specs = [alg.METHODS[p] for p in method.phases] if method.phases else [method]
     ctx = _context_length(model)
     if ctx is None:
-        return
+        return 0
     uses = []
     if any(s.rephrases for s in specs):
         uses.append(("rephrase prompt", "repo.rephrase_template", cfg.repo.rephrase_template,
-                     cfg.repo.max_new_tokens or cfg.algorithm.max_completion_length))
+                     cfg.repo.max_new_tokens or cfg.algorithm.max_completion_length,
+                     "repo.max_new_tokens" if cfg.repo.max_new_tokens else "algorithm.max_completion_length"))
     if any(s.teacher for s in specs):
         template, key = cfg.sdft_template
-        uses.append(("SDFT teacher prompt", key, template,
-                     cfg.algorithm.max_completion_length))
-    for what, key, template, new in uses:
+        uses.append(("SDFT teacher prompt", key, template, cfg.algorithm.max_completion_length, "algorithm.max_completion_length"))
+    skipped = 0
+    for what, key, template, new, new_key in uses:
         room = ctx - new
+        bad: list[tuple[Example, Optional[int]]] = []
         for ex in examples:
             if ex.solution is None:
                 continue
             text = renderer.text(renderer.rephrase_prompt(ex, template))
             over = _prefix_exceeds(tokenizer, text, room)
-            n = 0 if over else len(renderer.encode(text))
-            if over or n > room:
-                raise UserError(
-                    f"{ex.id}: the {what} (question + expert solution, {key}) has "
-                    f"{f'more than {room}' if over else n} tokens; with {new} new tokens it does not fit the model's "
-                    f"context of {ctx} tokens; shorten that solution or leave it out of data.fields.solution"
-                )
-
+            n = None if over else len(renderer.encode(text))
+            if over or (n is not None and n > room):
+                bad.append((ex, n))
+        if not bad:
+            continue
+        if cfg.data.on_bad_row == "skip":
+            for ex, _ in bad:
+                ex.solution = None
+            skipped += len(bad)
+            continue
+        ex, n = bad[0]
+        bare = len(renderer.encode(renderer.text(renderer.rephrase_prompt(Example(ex.prompt, ex.answer, "", id=ex.id), template))))
+        cut = 64 * (ctx + 1)  # a huge solution is measured from a prefix, like the prompt above
+        sol = len(tokenizer((ex.solution or "")[:cut], add_special_tokens=False)["input_ids"])
+        parts = {f"the template and question ({key})": bare, "the solution": sol, f"the {new} new tokens ({new_key})": new}
+        biggest = max(parts, key=lambda k: parts[k])
+        shown = {k: (f"more than {v}" if k == "the solution" and len(ex.solution or "") > cut else str(v)) for k, v in parts.items()}
+        fix = {f"the template and question ({key})": f"shorten {key}",
+               "the solution": "shorten the solutions or leave them out of data.fields.solution",
+               f"the {new} new tokens ({new_key})": f"lower {new_key}"}[biggest]
+        others = f" ({len(bad)} of {sum(e.solution is not None for e in examples)} rows with a solution do not fit)"
+        raise UserError(
+            f"{ex.id}: the {what} has {f'more than {room}' if n is None else n} tokens and with {new} new tokens does not fit "
+            f"the model's context of {ctx} tokens{others}: {', '.join(f'{k} {v}' for k, v in shown.items())}; the largest "
+            f"part is {biggest}: {fix}, or use a model with a longer context (data.on_bad_row=skip never rephrases those rows)"
+        )
+    return skipped
 
 
 def context_limit(cfg: Config, model: Any) -> Optional[int]:

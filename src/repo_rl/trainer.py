@@ -194,7 +194,8 @@ class Trainer:
                 fully_shard_model(self.ref_model, fsdp)
         self._prompt_cache: dict[int, list[int]] = {}
         check_prompt_lengths(cfg, self.train_examples, self.renderer, self.tokenizer, self.core, self._prompt_ids)
-        check_rephrase_lengths(cfg, self.method, self.train_examples, self.renderer, self.tokenizer, self.core)
+        self.unfit_rephrase_rows = check_rephrase_lengths(cfg, self.method, self.train_examples, self.renderer, self.tokenizer,
+                                                          self.core)
 
     def _make_optimizer(self) -> None:
         t = self.cfg.train
