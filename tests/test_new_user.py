@@ -170,3 +170,47 @@ def test_new_tokens_named_when_they_overflow_and_skip_counts_the_rows(tmp_path, 
     assert rc == 0 and "data: 4 rows whose rephrase prompt does not fit the model's context are never rephrased" in err
     rows = [json.loads(x) for x in (tmp_path / "s" / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["repo/gate_rate"] == 0.0 and rows[0]["repo/rephrase_success_rate"] is None  # no row is ever rephrased
+
+
+def test_own_data_on_the_toy_model_gets_no_toy_table(tmp_path, capsys, monkeypatch):
+    """The toy world's easy / hard / general table is about the toy world: a run of the toy model on
+    other data neither prints nor saves it (it cost ~20 s per run)."""
+    from repo_rl import cli
+
+    called = []
+    monkeypatch.setattr(cli, "_toy_eval", lambda trainer, cfg: called.append(1) or {"easy": 1.0})
+    data = tmp_path / "own.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"W{i}=", "answer": str(i), "solution": f"A{i}"}) + "\n" for i in range(8)))
+    rc = cli.main(["train", "-o", str(tmp_path / "r"), f"data.train_files={data}", "data.eval_files=null", "eval.every=0",
+                   "model.name_or_path=toyworld", "reward.funcs=[tests.helpers.rewards:contains_answer]", "repo.verify=[reward]",
+                   "train.max_steps=1", "train.prompts_per_step=2", "algorithm.max_completion_length=4", "logging.progress=false",
+                   "repo.rephrase_template=R{question}|{solution}|", "repo.max_new_tokens=4"])
+    err = capsys.readouterr().err
+    assert rc == 0, err[-500:]
+    assert not called and "before  after" not in err
+    report = (tmp_path / "r" / "report.md").read_text()
+    assert "Accuracy before and after" not in report and "data.eval_files" not in report
+
+
+def test_a_run_resumes_from_any_working_directory(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    from repo_rl.cli import main
+
+    from .conftest import tiny_overrides
+
+    start = tmp_path / "project"
+    (start / "data").mkdir(parents=True)
+    _rows(start / "data")
+    monkeypatch.chdir(start)
+    over = tiny_overrides(tiny_model_dir, "data/own.jsonl", **{"train.max_steps": 2, "train.save_every": 1})
+    assert main(["train", "-o", "runs/r", *over]) == 0
+    saved = (start / "runs" / "r" / "config.yaml").read_text()
+    assert f"train_files: {start / 'data' / 'own.jsonl'}" in saved  # kept absolute
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    capsys.readouterr()
+    assert main(["train", "-o", str(start / "runs" / "r"), "--resume", "train.max_steps=3"]) == 0, capsys.readouterr().err[-500:]
+    monkeypatch.chdir(start)  # the same relative path typed again from the start directory is the same run
+    assert main(["train", "-o", "runs/r", "--resume", "train.max_steps=4", "data.train_files=data/own.jsonl"]) == 0
+    rows = [json.loads(x) for x in (start / "runs" / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]

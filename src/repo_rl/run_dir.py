@@ -87,6 +87,33 @@ def saved_config(out: Path) -> Optional[dict[str, Any]]:
     return data if isinstance(data, dict) else None
 
 
+def _absolute(value: Any) -> Any:
+    """A path (or a list of them) made absolute when it names an existing local file or directory;
+    anything else (``toyworld:train``, a hub id, a ``datasets`` name) unchanged."""
+    if isinstance(value, list):
+        return [_absolute(v) for v in value]
+    if isinstance(value, str) and value and ":" not in value.split("/")[0]:
+        p = Path(value).expanduser()
+        if not p.is_absolute() and p.exists():
+            return str(p.resolve())
+    return value
+
+
+def absolute_paths(cfg: Any) -> Any:
+    """A copy of ``cfg`` whose local paths (data files, model directory, judge template files) are
+    absolute, as the run directory's ``config.yaml`` keeps them: a run then resumes from any working
+    directory. Dotted ``pkg.mod:fn`` rewards still import from the Python path."""
+    import copy
+
+    out = copy.deepcopy(cfg)
+    out.data.train_files = _absolute(out.data.train_files)
+    out.data.eval_files = _absolute(out.data.eval_files)
+    out.model.name_or_path = _absolute(out.model.name_or_path)
+    for judge in (out.reward.judge, out.repo.judge):
+        judge.template_file = _absolute(judge.template_file)
+    return out
+
+
 def load_resume_config(out: Path, config_path: Optional[str], overrides: list[str], allow_change: bool):
     """The config of ``repo-rl train -o OUT --resume``: ``OUT/config.yaml``, then ``--config``
     (when given), then the overrides; identity changes refused unless ``allow_change``."""
@@ -100,7 +127,9 @@ def load_resume_config(out: Path, config_path: Optional[str], overrides: list[st
         base = merge_config(saved, load_yaml(config_path))
     cfg = build_config(base, overrides)
     if not allow_change:
-        changed = identity_changes(saved, cfg.to_dict())
+        # A relative path given again is the same run when it names the same file from here.
+        # (config.yaml of runs from before paths were saved absolute is read from here too.)
+        changed = identity_changes(absolute_paths(build_config(saved)).to_dict(), absolute_paths(cfg).to_dict())
         if changed:
             shown = ", ".join(f"{k} ({_flatten(saved).get(k)!r} -> {_flatten(cfg.to_dict()).get(k)!r})" for k in changed[:3])
             more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""

@@ -39,7 +39,7 @@ from .prompts import PromptRenderer
 from .rewards.scorer import RewardScorer
 from .rollout import BATCHING_TRIALS, SamplingParams, derive_seed, make_generator
 from .health import default_threads, exploded, good_checkpoint_hint, resolve_bf16, weight_norm, weights_finite
-from .run_dir import RunLock, StopRequested, StopSignals, data_fingerprint
+from .run_dir import RunLock, StopRequested, StopSignals, absolute_paths, data_fingerprint
 from .run_state import RunState, apply_hyperparameters, find_resume_checkpoint, load_run, load_weights, save_run
 from .sampling import STREAM_EVAL, STREAM_REPHRASE, STREAM_ROLLOUT, STREAM_STEP, StepSampler  # noqa: F401
 from .step import Group, Sequence_
@@ -239,7 +239,7 @@ class Trainer:
             self._exploded()  # the initial weights' norm is the first reference
         if main:  # what the run uses from now on (a resume may have changed some keys)
             self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
+            (self.out / "config.yaml").write_text(absolute_paths(cfg).to_yaml(), encoding="utf-8")  # resumable from anywhere
             if not self.resume:  # a fresh run in a directory with logs but no checkpoint: start the logs over
                 for name in ("metrics.jsonl", "completions.jsonl"):
                     (self.out / name).unlink(missing_ok=True)
