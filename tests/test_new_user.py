@@ -8,6 +8,7 @@ import logging
 import os
 
 import pytest
+from pathlib import Path
 
 from repo_rl.data import Example
 from repo_rl.rewards.judge import JudgeReward, VerdictCache
@@ -214,3 +215,39 @@ def test_a_run_resumes_from_any_working_directory(tmp_path, tiny_model_dir, monk
     assert main(["train", "-o", "runs/r", "--resume", "train.max_steps=4", "data.train_files=data/own.jsonl"]) == 0
     rows = [json.loads(x) for x in (start / "runs" / "r" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
+
+
+def test_eval_refuses_more_new_tokens_than_the_context(tmp_path, tiny_model_dir, capsys):
+    from repo_rl.cli import main
+
+    data = Path(__file__).parent / "data" / "eval" / "aime24.jsonl"
+    rc = main(["eval", "--model", str(tiny_model_dir), "--data", str(data), "--max-new-tokens", "1024",
+               "--output", str(tmp_path / "r.json")])
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert rc == 2 and line.startswith("repo-rl: error: --max-new-tokens 1024: the model's context is 512 tokens")
+    assert not (tmp_path / "r.json").exists()
+
+
+# --------------------------------------------------------------------------- strict rewards
+
+STRICT_CASES = [
+    # (completion, answer, math, math_strict, numeric, numeric_strict)
+    ("k99999999999999999=9;9+9=k99999,", "9", 1.0, 0.0, 0.0, 0.0),  # the lax math reward finds a 9 in the noise
+    ("so 8 + 1 = 9, and \\boxed{9}", "9", 1.0, 1.0, 1.0, 1.0),
+    ("The answer is 9.", "9", 1.0, 0.0, 1.0, 0.0),  # right, but not in a final box: only the lax modes accept it
+    ("\\boxed{9} ... no, 10", "9", 1.0, 1.0, 1.0, 1.0),  # the last box counts, not the last number
+    ("\\boxed{10}. Reference: 9", "9", 0.0, 0.0, 0.0, 0.0),
+    ("\\boxed{\\frac{1}{2}}", "0.5", 1.0, 1.0, 1.0, 1.0),
+    ("the answer is \\boxed{9", "9", None, 0.0, 1.0, 0.0),  # a truncated box is no box
+]
+
+
+@pytest.mark.parametrize("text,answer,lax_math,strict_math,lax_num,strict_num", STRICT_CASES)
+def test_strict_modes_accept_only_a_final_boxed_answer(text, answer, lax_math, strict_math, lax_num, strict_num):
+    from repo_rl.rewards import load_reward
+
+    got = {name: load_reward(name)(prompts=["q"], completions=[text], answer=[answer])[0]
+           for name in ("math", "math_strict", "numeric", "numeric_strict")}
+    assert got["math_strict"] == strict_math and got["numeric"] == lax_num and got["numeric_strict"] == strict_num
+    if lax_math is not None:
+        assert got["math"] == lax_math

@@ -204,7 +204,16 @@ def run_eval_command(args: argparse.Namespace) -> int:
     except UserError as e:
         raise UserError(str(e).replace("model.name_or_path=", "--model ", 1)) from None
     model.eval()
+    ctx = getattr(model.config, "max_position_embeddings", None)
+    if isinstance(ctx, int) and ctx > 0 and args.max_new_tokens >= ctx:
+        raise UserError(f"--max-new-tokens {args.max_new_tokens}: the model's context is {ctx} tokens (max_position_embeddings), "
+                        f"which leaves no room for a prompt; expected at most {ctx - 1}, and well below it")
     renderer = PromptRenderer(tokenizer, mcfg.chat_template, mcfg.system_prompt)
+    if isinstance(ctx, int) and ctx > 0:
+        over = sum(len(renderer.ids(it.prompt)) + args.max_new_tokens > ctx for b in benches for it in b.items)
+        if over:
+            print(f"note: {over} items' prompts leave fewer than --max-new-tokens {args.max_new_tokens} tokens of the model's "
+                  f"{ctx}-token context; their completions may run past what the model was trained on", file=sys.stderr)
     eos = eos_token_ids(model, tokenizer)
     options = {"autocast_dtype": torch.bfloat16} if args.bf16 else {}
     generator = make_generator(model, eos, tokenizer.pad_token_id, backend=backend, **options)

@@ -39,7 +39,7 @@ class MathReward(RewardFunction):
     """1.0 when the completion's final answer is mathematically equivalent to ``answer``.
 
     The answer is the content of the last ``\\boxed{}``/``\\fbox{}``; without one, math-verify's
-    own LaTeX/expression extraction runs over the whole completion. Parsing and comparison run
+    own LaTeX/expression extraction runs over the whole completion (``strict``: it scores 0). Parsing and comparison run
     in worker processes with a hard per-item ``timeout``; a timeout or a verifier exception
     gives None and is counted in :attr:`stats`. A prediction that equals the reference
     character for character (ignoring whitespace) is accepted without a round trip.
@@ -62,8 +62,12 @@ class MathReward(RewardFunction):
         num_workers: int | None = None,
         pool: VerifierPool | None = None,
         name: str = "math_reward",
+        strict: bool = False,
     ) -> None:
         super().__init__(name)
+        self.strict = bool(strict)
+        """Only the last ``\\boxed{}`` answer counts: a completion without one scores 0 (no extraction
+        from free text). The built-in ``math_strict``."""
         self._pool = pool
         self._owns_pool = pool is None
         self._pool_lock = threading.Lock()
@@ -129,7 +133,7 @@ class MathReward(RewardFunction):
                     continue
                 tasks.append((boxed, True, gold))
             else:
-                if not text.strip():
+                if self.strict or not text.strip():
                     outcomes[i] = Outcome("ok", 0.0)
                     continue
                 tasks.append((text, False, gold))
@@ -157,6 +161,8 @@ def make_math_reward(
     num_workers: int | None = None,
     pool: VerifierPool | None = None,
     name: str = "math_reward",
+    strict: bool = False,
 ) -> MathReward:
-    """Build a :class:`MathReward` with its own settings (and its own pool unless ``pool`` is given)."""
-    return MathReward(timeout=timeout, num_workers=num_workers, pool=pool, name=name)
+    """Build a :class:`MathReward` with its own settings (and its own pool unless ``pool`` is given;
+    ``strict``: the last boxed answer only)."""
+    return MathReward(timeout=timeout, num_workers=num_workers, pool=pool, name=name, strict=strict)

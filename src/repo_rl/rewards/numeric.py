@@ -79,8 +79,11 @@ class NumericReward(InProcessReward):
     Percent signs are ignored: "50%" reads as 50.
     """
 
-    def __init__(self, *, rel_tol: float = 1e-6, abs_tol: float = 1e-9, name: str = "numeric_reward") -> None:
+    def __init__(self, *, rel_tol: float = 1e-6, abs_tol: float = 1e-9, name: str = "numeric_reward", strict: bool = False) -> None:
         super().__init__(name)
+        self.strict = bool(strict)
+        """Only the last ``\\boxed{}`` answer counts, read as one number; no fallback to the last number
+        of the text (the built-in ``numeric_strict``)."""
         if rel_tol < 0 or abs_tol < 0:
             raise ValueError("rel_tol and abs_tol must be >= 0")
         self.rel_tol = float(rel_tol)
@@ -90,11 +93,16 @@ class NumericReward(InProcessReward):
         gold = None if raw_gold is None else extract_number(raw_gold)
         if gold is None:
             return Outcome("error", None, "reference answer has no number")
-        pred = extract_number(text)
+        if self.strict:
+            boxed = extract_boxed(text)
+            pred = None if boxed is None else parse_number(boxed)
+        else:
+            pred = extract_number(text)
         ok = pred is not None and math.isclose(pred, gold, rel_tol=self.rel_tol, abs_tol=self.abs_tol)
         return Outcome("ok", 1.0 if ok else 0.0)
 
 
-def make_numeric_reward(*, rel_tol: float = 1e-6, abs_tol: float = 1e-9, name: str = "numeric_reward") -> NumericReward:
-    """Build a :class:`NumericReward` with custom tolerances."""
-    return NumericReward(rel_tol=rel_tol, abs_tol=abs_tol, name=name)
+def make_numeric_reward(*, rel_tol: float = 1e-6, abs_tol: float = 1e-9, name: str = "numeric_reward",
+                        strict: bool = False) -> NumericReward:
+    """Build a :class:`NumericReward` with custom tolerances (``strict``: the boxed answer only)."""
+    return NumericReward(rel_tol=rel_tol, abs_tol=abs_tol, name=name, strict=strict)
