@@ -251,3 +251,19 @@ def test_strict_modes_accept_only_a_final_boxed_answer(text, answer, lax_math, s
     assert got["math_strict"] == strict_math and got["numeric"] == lax_num and got["numeric_strict"] == strict_num
     if lax_math is not None:
         assert got["math"] == lax_math
+
+
+def test_a_json_line_missing_its_closing_brace_is_reported_where_it_ends(tmp_path):
+    from repo_rl.config import FieldsConfig
+    from repo_rl.data import DataError, load_examples
+
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"prompt": "a", "answer": "1"}\n{"prompt": "b", "answer": "2"\n')
+    with pytest.raises(DataError) as ei:
+        load_examples(str(path), FieldsConfig())
+    msg = str(ei.value)
+    assert msg.startswith(f"{path}:2: invalid JSON") and "column 30" in msg and "closing brace" in msg
+    path.write_text('{"prompt": "a", "answer": 1 2}\n')
+    with pytest.raises(DataError, match="column 29") as ei:
+        load_examples(str(path), FieldsConfig())
+    assert "closing brace" not in str(ei.value)  # an error inside the line gets no end-of-line hint

@@ -222,10 +222,12 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
                 continue
             if not text.strip():
                 continue
+            text = text.rstrip("\r\n")  # an error at the line's end is not "line 2, column 1"
             try:
                 yield where, json.loads(text)
             except json.JSONDecodeError as e:
-                yield where, DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})")
+                end = " (the end of the line: a closing brace, bracket or quote missing?)" if e.pos >= len(text.rstrip()) else ""
+                yield where, DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno}{end})")
             except (ValueError, RecursionError) as e:  # e.g. an integer beyond Python's digit limit
                 yield where, DataError(f"{where}: invalid JSON ({str(e)[:120]})")
 
