@@ -65,6 +65,14 @@ def default_config_path() -> Path:
     return Path(str(resources.files("repo_rl") / "configs" / "toy.yaml"))
 
 
+def _quiet_deepspeed_probe() -> None:
+    """On a Linux machine with no GPU device, tell DeepSpeed (imported by accelerate when installed)
+    that it runs on the CPU, so it does not warn at every run that it could not find one."""
+    gpu_nodes = ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd", "/dev/dri/renderD128")
+    if sys.platform.startswith("linux") and not any(os.path.exists(p) for p in gpu_nodes):
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
 def _is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
@@ -337,6 +345,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     # OpenMP threads that spin while waiting steal a shared core from other work; set before torch loads.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    _quiet_deepspeed_probe()
     from .run_dir import StopRequested
 
     argv = list(sys.argv[1:] if argv is None else argv)

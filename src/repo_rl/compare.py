@@ -10,6 +10,7 @@ counts as unfinished, with a notice on stderr). The results go to
 from __future__ import annotations
 
 import json
+import time
 import math
 import os
 import shutil
@@ -225,17 +226,20 @@ def compare(
     seed_list = list(range(first_seed, first_seed + seeds))
     jobs = [(m, s) for s in seed_list for m in methods]
     bar = None
-    if progress:
+    if progress and sys.stderr.isatty():
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(jobs), desc="compare", unit="run", dynamic_ncols=True)
     results = []
-    for m, s in jobs:
+    for i, (m, s) in enumerate(jobs):
         if bar is not None:
             bar.set_postfix(method=m, seed=s)
+        t0 = time.perf_counter()
         results.append(run_one(config_path, list(overrides), m, s, out / "runs" / f"{m}-seed{s}", eval_n))
         if bar is not None:
             bar.update(1)
+        elif progress:  # a log file: one plain line per run, no carriage returns
+            print(f"compare: run {i + 1}/{len(jobs)} done ({m}, seed {s}, {time.perf_counter() - t0:.0f} s)", file=sys.stderr)
     if bar is not None:
         bar.close()
     metrics = {m: [read_jsonl(out / "runs" / f"{m}-seed{s}" / "metrics.jsonl") for s in seed_list] for m in methods}
