@@ -161,3 +161,13 @@ def test_another_world_and_other_splits_reach_every_run(study, tmp_path, monkeyp
     study.Study(args).train("grpo", 1e-5, 0)
     assert f"data.train_files={tmp_path / 'world' / 'train.jsonl'}" in calls[-1]
     assert f"data.eval_files=[{tmp_path / 'world' / 'train.jsonl'},{tmp_path / 'world' / 'val.jsonl'}]" in calls[-1]
+
+
+def test_a_variant_label_runs_its_method_with_its_settings(study, tmp_path, monkeypatch):
+    calls: list[list[str]] = []
+    monkeypatch.setattr(study.subprocess, "call", _fake_train(calls))
+    study.Study(_args(study, tmp_path)).train("repo_noneg", 1e-5, 0)
+    assert "algorithm.method=repo" in calls[-1] and "repo.gated_negatives=false" in calls[-1]
+    assert calls[-1][calls[-1].index("-o") + 1].endswith("repo_noneg-lr1e-05-seed0")
+    with pytest.raises(SystemExit):  # argparse: one line naming the unknown label
+        study.main(["--methods", "repo,nonesuch"])

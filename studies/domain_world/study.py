@@ -42,6 +42,18 @@ sys.path.insert(0, str(HERE))
 from pilot_table import summarize  # noqa: E402
 
 METHODS = ["repo", "grpo", "sft", "sft_then_grpo", "luffy", "raw_expert", "sdft"]
+VARIANTS = {
+    # RePO without the negative advantages of the failed rollouts in groups that received a rephrase:
+    # the ablation of docs/REAL_MODEL.md (where does the loss of general accuracy come from?)
+    "repo_noneg": ("repo", ["repo.gated_negatives=false"]),
+}
+"""Study labels that are a method with fixed settings: label -> (algorithm.method, overrides)."""
+
+
+def method_args(label: str) -> list[str]:
+    """The overrides that make a study label a run: its method, and a variant's settings."""
+    method, extra = VARIANTS.get(label, (label, []))
+    return [f"algorithm.method={method}", *extra]
 SPLITS = ["val", "heldout", "general"]
 LABELS = {"val": "val", "heldout": "held-out", "general": "general", "train": "train"}
 
@@ -178,7 +190,7 @@ class Study:
             shutil.rmtree(run_dir)
         cmd = [sys.executable, "-m", "repo_rl.cli", "train", "--config", str(self.args.config), "-o", str(run_dir),
                *(["--resume"] if resume else []), *self.overrides,
-               f"algorithm.method={method}", f"train.learning_rate={lr:g}", f"train.seed={seed}"]
+               *method_args(method), f"train.learning_rate={lr:g}", f"train.seed={seed}"]
         print(f"[study] {'resume' if resume else 'start'} {name}", flush=True)
         t0 = time.perf_counter()
         with open(self.out / "logs" / f"{name}.log", "a", encoding="utf-8") as log:
@@ -249,9 +261,10 @@ def _floats(text: str) -> list[float]:
 
 def _methods(text: str) -> list[str]:
     names = [x.strip() for x in text.split(",") if x.strip()]
-    bad = [n for n in names if n not in METHODS]
+    known = [*METHODS, *VARIANTS]
+    bad = [n for n in names if n not in known]
     if bad or not names:
-        raise argparse.ArgumentTypeError(f"unknown method(s) {', '.join(bad) or '(none)'}; choose from {', '.join(METHODS)}")
+        raise argparse.ArgumentTypeError(f"unknown method(s) {', '.join(bad) or '(none)'}; choose from {', '.join(known)}")
     return names
 
 
