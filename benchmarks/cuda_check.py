@@ -35,7 +35,7 @@ COMPARED = ("loss", "reward", "repo/gate_rate", "grad_norm", "kl", "entropy")
 
 
 def make_assets(out: Path) -> dict[str, Path]:
-    from repo_rl.tiny import make_char_tokenizer, save_tiny_model_dir
+    from repo_rl.models.tiny import make_char_tokenizer, save_tiny_model_dir
 
     tok = make_char_tokenizer()
     tiny, shaped = out / "tiny-model", out / "smollm2-shaped"

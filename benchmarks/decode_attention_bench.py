@@ -4,7 +4,7 @@
 
 Queries ``[rows, 4 heads, 1, 64]`` packed as transformers does for 2 key/value heads, a left-padded
 boolean mask, and keys/values that are views of a longer preallocated cache, as in
-``repo_rl.rollout.HFGenerator``. Prints the median microseconds of each and their ratio for every
+``repo_rl.engines.HFGenerator``. Prints the median microseconds of each and their ratio for every
 (cache length, rows) pair, and whether ``_matmul_attention_pays`` picks the matmuls there.
 """
 
@@ -17,7 +17,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from repo_rl.rollout import _matmul_attention_pays, _matmul_decode_attention
+from repo_rl.engines.hf import _matmul_attention_pays, _matmul_decode_attention
 
 
 def _median_us(fn, repeats: int) -> float:

@@ -22,7 +22,7 @@ python -m pytest -q -m vllm tests/test_vllm_engine.py 2>&1 | tee "$OUT/pytest_vl
 
 # 3. A few RePO steps on the GPU through the command line, then an exact resume.
 python - <<'PY'
-from repo_rl.tiny import make_char_tokenizer, save_tiny_model_dir
+from repo_rl.models.tiny import make_char_tokenizer, save_tiny_model_dir
 save_tiny_model_dir("gpu_check/tiny-model", make_char_tokenizer(), hidden_size=128, num_heads=2, num_kv_heads=1)
 import json
 rows = [{"id": f"q{i}", "prompt": f"what is {i}+{i}?", "answer": str(2 * i), "solution": f"{i} plus {i} is {2 * i}"} for i in range(16)]

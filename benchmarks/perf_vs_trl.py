@@ -122,13 +122,13 @@ WORD_PROBLEMS = [
 def make_char_tokenizer():
     """Character tokenizer whose EOS is the LAST id: the model gets ``len(tok) - 1`` logits, so
     the EOS id lies outside its vocabulary and can never be sampled (every completion is T long)."""
-    from repo_rl.tiny import make_char_tokenizer as _make
+    from repo_rl.models.tiny import make_char_tokenizer as _make
 
     return _make(eos_last=True, model_max_length=4096)
 
 
 def build_random_model(path: Path, case: dict) -> dict:
-    from repo_rl.tiny import save_tiny_model_dir
+    from repo_rl.models.tiny import save_tiny_model_dir
 
     tok = make_char_tokenizer()
     assert tok.eos_token_id == len(tok) - 1
@@ -332,7 +332,7 @@ def worker_ours(method: str, spec: dict, chan: Chan) -> None:
     setup_s = time.perf_counter() - t0
     if spec["suppress_eos"]:
         # Same effect as TRL's suppress_tokens: EOS never sampled, every completion is T long.
-        from repo_rl.rollout import HFGenerator
+        from repo_rl.engines import HFGenerator
 
         sup = torch.tensor(spec["suppress_eos"], dtype=torch.long)
 
@@ -673,7 +673,7 @@ def run_case(name: str, args, work_root: Path) -> dict:
         info = build_random_model(model_dir, case)
     else:
         sys.path.insert(0, str(SRC))
-        from repo_rl.smollm import ensure_smollm2
+        from repo_rl.models.smollm import ensure_smollm2
 
         model_dir = ensure_smollm2()
         info = smollm2_info(model_dir)

@@ -20,8 +20,8 @@ import time
 
 import torch
 
-from repo_rl.rollout import HFGenerator, SamplingParams
-from repo_rl.tiny import make_char_tokenizer, make_tiny_qwen2
+from repo_rl.engines import HFGenerator, SamplingParams
+from repo_rl.models.tiny import make_char_tokenizer, make_tiny_qwen2
 
 
 def main() -> None:

@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import torch  # noqa: E402
 
-from repo_rl.rollout import HFGenerator, SamplingParams  # noqa: E402
-from repo_rl.tiny import make_char_tokenizer, make_tiny_qwen2  # noqa: E402
+from repo_rl.engines import HFGenerator, SamplingParams  # noqa: E402
+from repo_rl.models.tiny import make_char_tokenizer, make_tiny_qwen2  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -46,7 +46,7 @@ def main(argv=None) -> int:
     gen = HFGenerator(model, [len(tok) - 1], tok.pad_token_id)
     if args.no_mask4d:
         gen._mask4d = False
-    import repo_rl.rollout as rollout
+    import repo_rl.engines.hf as rollout
 
     default_rule = rollout._matmul_attention_pays
     variants = {"default": default_rule}

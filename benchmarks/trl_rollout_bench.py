@@ -44,7 +44,7 @@ def _rows(n: int) -> list[dict]:
 
 
 def _model_dir(path: Path) -> Path:
-    from repo_rl.tiny import save_tiny_model_dir
+    from repo_rl.models.tiny import save_tiny_model_dir
     from repo_rl.toyworld.tokenizer import build_tokenizer
 
     tok = build_tokenizer()

@@ -161,7 +161,7 @@ def summarize(role: str, steps: list[dict], mem: dict) -> dict:
 
 
 def run_train(args, work: Path) -> dict:
-    from repo_rl.smollm import ensure_smollm2
+    from repo_rl.models.smollm import ensure_smollm2
 
     model_dir = ensure_smollm2()
     info = pvt.smollm2_info(model_dir)

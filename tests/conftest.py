@@ -27,13 +27,13 @@ def _restore_torch_threads():
 
 
 def make_tokenizer():
-    from repo_rl.tiny import make_char_tokenizer
+    from repo_rl.models.tiny import make_char_tokenizer
 
     return make_char_tokenizer()
 
 
 def make_tiny_model_dir(path: Path, seed: int = 0, hidden: int = 64, layers: int = 2) -> Path:
-    from repo_rl.tiny import save_tiny_model_dir
+    from repo_rl.models.tiny import save_tiny_model_dir
 
     save_tiny_model_dir(path, make_tokenizer(), hidden_size=hidden, num_layers=layers, seed=seed)
     return path
@@ -89,3 +89,52 @@ def tiny_overrides(model_dir: Path, data: Path, **extra) -> list[str]:
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
+
+
+# --------------------------------------------------------------------------- the fast subset
+
+DURATIONS = Path(__file__).parent / "durations.json"
+FAST_LIMIT_S = 0.6
+"""``--fast`` leaves out tests whose recorded time is above this, but keeps the quickest test of
+every file, so every file (and the module it tests) still runs."""
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("repo-rl")
+    group.addoption("--fast", action="store_true",
+                    help=f"the fast subset: tests recorded at <= {FAST_LIMIT_S} s (tests/durations.json), plus the quickest "
+                         "test of every file")
+    group.addoption("--record-durations", action="store_true",
+                    help="write every test's time to tests/durations.json at the end (for --fast)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if not config.getoption("--fast"):
+        return
+    recorded = json.loads(DURATIONS.read_text()) if DURATIONS.is_file() else {}
+    by_file: dict[str, list] = {}
+    for item in items:
+        by_file.setdefault(item.nodeid.split("::")[0], []).append(item)
+    keep, drop = [], []
+    for file_items in by_file.values():
+        quickest = min(file_items, key=lambda it: recorded.get(it.nodeid, 0.0))
+        for it in file_items:
+            t = recorded.get(it.nodeid)  # a test with no record (a new one) runs
+            (keep if t is None or t <= FAST_LIMIT_S or it is quickest else drop).append(it)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
+_TIMES: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report):
+    _TIMES[report.nodeid] = _TIMES.get(report.nodeid, 0.0) + report.duration
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if session.config.getoption("--record-durations") and _TIMES:
+        old = json.loads(DURATIONS.read_text()) if DURATIONS.is_file() else {}
+        old.update({k: round(v, 3) for k, v in _TIMES.items()})
+        DURATIONS.write_text(json.dumps(dict(sorted(old.items())), indent=0) + "\n")

@@ -1,4 +1,4 @@
-"""The rephrase bank (``repo.fewshot``, :mod:`repo_rl.bank`): it fills from verified rephrases, stays
+"""The rephrase bank (``repo.fewshot``, :mod:`repo_rl.step.bank`): it fills from verified rephrases, stays
 bounded, shows its entries as worked examples, and is saved and restored on resume."""
 
 from __future__ import annotations
@@ -7,10 +7,10 @@ import json
 
 import pytest
 
-from repo_rl.bank import BankEntry, RephraseBank
+from repo_rl.step.bank import BankEntry, RephraseBank
 from repo_rl.config import load_config
 from repo_rl.data import Example
-from repo_rl.prompts import PromptRenderer
+from repo_rl.step.prompts import PromptRenderer
 from repo_rl.trainer import Trainer
 
 from .conftest import make_tokenizer, tiny_overrides

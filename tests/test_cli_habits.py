@@ -106,7 +106,7 @@ def test_alias_bomb_in_an_override_does_not_expand(capsys, cfg_file):
 def test_safe_yaml_counts_alias_expansions_and_keeps_duplicate_key_checks(tmp_path, capsys):
     import yaml
 
-    from repo_rl import safe_yaml
+    from repo_rl.config import safe_yaml
     from repo_rl.config import load_yaml
 
     # Aliases used a few times (shared settings) load as before.
@@ -219,7 +219,7 @@ def test_hub_id_with_hf_hub_offline_fails_fast_naming_the_fixes(capsys, tmp_path
 
 
 def test_hub_id_with_an_unreachable_hub_fails_fast_naming_the_fixes(capsys, tmp_path, tiny_data, cfg_file, monkeypatch):
-    from repo_rl import modeling
+    from repo_rl.models import loading as modeling
 
     for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HTTPS_PROXY", "https_proxy", "HF_ENDPOINT"):
         monkeypatch.delenv(var, raising=False)
@@ -245,7 +245,7 @@ def test_hub_id_with_an_unreachable_hub_fails_fast_naming_the_fixes(capsys, tmp_
 
 
 # --------------------------------------------------------------------------------------
-# 6. model.name_or_path=tiny: the offline tiny model of repo_rl.tiny
+# 6. model.name_or_path=tiny: the offline tiny model of repo_rl.models.tiny
 # --------------------------------------------------------------------------------------
 
 
@@ -258,7 +258,7 @@ def test_tiny_is_a_builtin_model_name(capsys, tmp_path, tiny_data, cfg_file, mon
     rows = [json.loads(line) for line in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1]
     stamp = (built / "config.json").stat().st_mtime_ns
-    from repo_rl.modeling import resolve_model_path
+    from repo_rl.models.loading import resolve_model_path
 
     assert resolve_model_path("tiny") == str(built)  # built once, then reused
     assert (built / "config.json").stat().st_mtime_ns == stamp

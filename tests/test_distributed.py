@@ -31,6 +31,8 @@ OVERRIDES = {
     "train.save_every": 2,
     "train.save_total_limit": "null",
     "repo.num_attempts": 4,
+    "repo.verify": "[reward]",  # the tiny model never boxes an answer
+    "train.bf16": "false",  # exact float32 on every CPU
     "logging.progress": "false",
 }
 
@@ -205,7 +207,7 @@ def test_accelerate_configs_are_valid(name):
     """Each shipped config loads with accelerate's own config class, and repo-rl accepts its launch environment."""
     from accelerate.commands.config.config_args import ClusterConfig
 
-    from repo_rl.distributed import DeepSpeedSettings, FsdpSettings, _check_launcher_env
+    from repo_rl.run.distributed import DeepSpeedSettings, FsdpSettings, _check_launcher_env
 
     path = ROOT / "configs" / "accelerate" / name
     raw = yaml.safe_load(path.read_text())
@@ -243,7 +245,7 @@ def _launch_env(path: Path) -> dict[str, str]:
 
 
 def test_fsdp_settings_from_the_launch_environment():
-    from repo_rl.distributed import FsdpSettings
+    from repo_rl.run.distributed import FsdpSettings
     from repo_rl.errors import UserError
 
     env = _launch_env(ROOT / "configs" / "accelerate" / "fsdp.yaml")
@@ -264,7 +266,7 @@ def test_fsdp_settings_from_the_launch_environment():
 
 
 def test_deepspeed_settings_from_the_launch_environment(tmp_path):
-    from repo_rl.distributed import DeepSpeedSettings
+    from repo_rl.run.distributed import DeepSpeedSettings
     from repo_rl.errors import UserError
 
     env = _launch_env(ROOT / "configs" / "accelerate" / "deepspeed_zero3.yaml")
@@ -298,7 +300,7 @@ def test_deepspeed_settings_from_the_launch_environment(tmp_path):
 
 
 def test_accelerate_mixed_precision_is_refused_clearly(monkeypatch):
-    from repo_rl.distributed import Dist
+    from repo_rl.run.distributed import Dist
     from repo_rl.errors import UserError
 
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")

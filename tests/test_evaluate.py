@@ -1,4 +1,4 @@
-"""Tests of repo_rl.evaluation (through the repo_rl.evaluate compatibility names): metrics, benchmark
+"""Tests of repo_rl.evaluation (through the repo_rl.evaluation compatibility names): metrics, benchmark
 layouts, prompt formatting, the eval command."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from repo_rl import evaluate as ev
+from repo_rl import evaluation as ev
 from repo_rl.errors import UserError
 from repo_rl.rewards import Outcome
 
@@ -393,8 +393,8 @@ class RecordingGenerator:
 
 
 def test_generate_batches_seeds_and_chat_template():
-    from repo_rl.prompts import PromptRenderer
-    from repo_rl.rollout import SamplingParams
+    from repo_rl.step.prompts import PromptRenderer
+    from repo_rl.engines import SamplingParams
 
     tok = make_tokenizer()
     tok.chat_template = (
@@ -420,9 +420,9 @@ def test_generate_batches_seeds_and_chat_template():
 
 def test_samples_do_not_depend_on_batch_size(tiny_model_dir):
     from repo_rl.config import ModelConfig
-    from repo_rl.modeling import eos_token_ids, load_model_and_tokenizer
-    from repo_rl.prompts import PromptRenderer
-    from repo_rl.rollout import HFGenerator, SamplingParams
+    from repo_rl.models.loading import eos_token_ids, load_model_and_tokenizer
+    from repo_rl.step.prompts import PromptRenderer
+    from repo_rl.engines import HFGenerator, SamplingParams
 
     model, tok, _ = load_model_and_tokenizer(ModelConfig(name_or_path=str(tiny_model_dir)))
     gen = HFGenerator(model, eos_token_ids(model, tok), tok.pad_token_id)
@@ -526,9 +526,9 @@ class ScriptedGenerator:
 
 
 def test_eval_command_scripted_answers(tiny_model_dir, tmp_path, monkeypatch):
-    import repo_rl.rollout
+    import repo_rl.engines.hf
 
-    monkeypatch.setitem(repo_rl.rollout.GENERATORS, "scripted", ScriptedGenerator)
+    monkeypatch.setitem(repo_rl.engines.GENERATORS, "scripted", ScriptedGenerator)
     math_rows = [
         {"problem": "always: what is 2+3?", "answer": "5"},
         {"problem": "never: what is 1+1?", "answer": "2"},
@@ -614,16 +614,16 @@ def test_eval_command_bad_flags(tmp_path, flags, match):
 
 
 def test_backend_flag_lists_registered_engines_and_refuses_unknown(monkeypatch, capsys):
-    """--backend offers sorted(repo_rl.rollout.GENERATORS), read when needed, and nothing else."""
-    import repo_rl.rollout
+    """--backend offers sorted(repo_rl.engines.GENERATORS), read when needed, and nothing else."""
+    import repo_rl.engines.hf
     from repo_rl.cli import build_parser
 
     assert parse(["--model", "m", "--data", "a.jsonl"]).backend == "hf"
-    monkeypatch.setitem(repo_rl.rollout.GENERATORS, "zztestengine", ScriptedGenerator)
+    monkeypatch.setitem(repo_rl.engines.GENERATORS, "zztestengine", ScriptedGenerator)
     with pytest.raises(SystemExit):
         build_parser().parse_args(["eval", "--help"])
     help_text = capsys.readouterr().out
-    assert "generation engine" in help_text and ", ".join(sorted(repo_rl.rollout.GENERATORS)) in " ".join(help_text.split())
+    assert "generation engine" in help_text and ", ".join(sorted(repo_rl.engines.GENERATORS)) in " ".join(help_text.split())
     assert parse(["--model", "m", "--data", "a.jsonl", "--backend", "zztestengine"]).backend == "zztestengine"
     with pytest.raises(SystemExit) as ei:
         build_parser().parse_args(["eval", "--model", "m", "--data", "a.jsonl", "--backend", "no-such-engine"])
@@ -634,24 +634,27 @@ def test_backend_flag_lists_registered_engines_and_refuses_unknown(monkeypatch, 
     # A namespace built without argparse is checked too.
     args = parse(["--model", "m", "--data", str(DATA / "aime24.jsonl")])
     args.backend = "no-such-engine"
-    with pytest.raises(UserError, match="--backend no-such-engine: unknown engine; expected one of " + ", ".join(sorted(repo_rl.rollout.GENERATORS))):
+    with pytest.raises(UserError, match="--backend no-such-engine: unknown engine; expected one of " + ", ".join(sorted(repo_rl.engines.GENERATORS))):
         ev.run_eval_command(args)
-
-
-def test_compat_module_reexports_the_evaluation_package():
-    import repo_rl.evaluation as evaluation
-    from repo_rl.evaluation import benchmarks, cli, metrics, runner
-
-    assert set(ev.__all__) == set(evaluation.__all__)
-    assert all(getattr(ev, name) is getattr(evaluation, name) for name in evaluation.__all__)
-    assert ev.pass_at_k is metrics.pass_at_k and ev.load_benchmark is benchmarks.load_benchmark
-    assert ev.generate is runner.generate and ev.run_eval_command is cli.run_eval_command
 
 
 def test_parser_defaults():
     args = parse(["--model", "m", "--data", "a.jsonl", "--data", "b.json"])
     assert args.data == ["a.jsonl", "b.json"]
-    assert (args.n, args.temperature, args.top_p, args.max_new_tokens, args.seed, args.batch_size) == (4, 0.6, 0.95, 1024, 0, 32)
+    assert (args.n, args.temperature, args.top_p, args.max_new_tokens, args.seed, args.batch_size) == (4, 0.6, 0.95, None, 0, 32)
     assert args.kind == "auto" and args.bf16 is False and args.output is None and args.limit is None
     with pytest.raises(SystemExit):
         parse(["--data", "a.jsonl"])  # --model is required
+
+
+def test_new_tokens_fit_the_context(capsys):
+    from repo_rl.evaluation.cli import DEFAULT_MAX_NEW_TOKENS, fit_new_tokens
+
+    assert fit_new_tokens(None, None, [10]) == DEFAULT_MAX_NEW_TOKENS  # no known context: the default
+    assert fit_new_tokens(None, 4096, [100, 300]) == DEFAULT_MAX_NEW_TOKENS
+    assert fit_new_tokens(None, 512, [100, 300]) == 212  # the default does not fit: what is left, with a note
+    assert "--max-new-tokens 212" in capsys.readouterr().err
+    assert fit_new_tokens(200, 512, [100, 300, 350]) == 200
+    assert "1 items' prompts leave fewer than --max-new-tokens 200" in capsys.readouterr().err
+    with pytest.raises(UserError, match=r"^--max-new-tokens 1024: the model's context is 256 tokens"):
+        fit_new_tokens(1024, 256, [40])

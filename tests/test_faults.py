@@ -74,12 +74,12 @@ if _SPEC:
 
     import torch
 
-    import repo_rl.checkpoint as _ck
-    import repo_rl.rollout as _ro
-    import repo_rl.tracking as _tk
-    import repo_rl.run_state as _rs
+    import repo_rl.run.checkpoint as _ck
+    import repo_rl.engines.hf as _ro
+    import repo_rl.run.tracking as _tk
+    import repo_rl.run.state as _rs
     import repo_rl.trainer as _tr
-    import repo_rl.update as _up
+    import repo_rl.step.update as _up
 
     _POINT, _, _AT = _SPEC.partition("@")
     _AT = int(_AT)
@@ -510,7 +510,7 @@ def _error_lines(stderr: str) -> list[str]:
 
 
 def test_full_disk_is_refused_before_training(tmp_path, tiny_model_dir, tiny_data, monkeypatch):
-    import repo_rl.tracking as tracking
+    import repo_rl.run.tracking as tracking
 
     real = os.statvfs
 
@@ -550,7 +550,7 @@ def test_disk_full_while_writing_a_checkpoint(world, reference, tmp_path, monkey
     reproduces the uninterrupted run. The error itself should be one line (no traceback)."""
     import torch
 
-    import repo_rl.checkpoint as ck
+    import repo_rl.run.checkpoint as ck
 
     real_save = torch.save
 

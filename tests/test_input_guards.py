@@ -10,7 +10,7 @@ import shutil
 import pytest
 
 from repo_rl.cli import main
-from repo_rl.prompts import PromptRenderer
+from repo_rl.step.prompts import PromptRenderer
 
 from .conftest import make_tokenizer, tiny_overrides
 
@@ -44,7 +44,7 @@ def test_a_huge_expert_solution_is_refused_at_start(tmp_path, tiny_model_dir, ca
 
 def test_remote_code_is_named_before_it_runs(tmp_path, tiny_model_dir, capsys):
     from repo_rl.config import ModelConfig
-    from repo_rl.modeling import load_model_and_tokenizer
+    from repo_rl.models.loading import load_model_and_tokenizer
 
     model_dir = tmp_path / "m"
     shutil.copytree(tiny_model_dir, model_dir)
@@ -69,7 +69,7 @@ def test_chat_messages_without_a_template_warn_once(caplog):
 
 
 def test_a_model_directory_without_a_tokenizer_says_so(tmp_path, tiny_model_dir, capsys):
-    from repo_rl.modeling import TOKENIZER_FILES
+    from repo_rl.models.loading import TOKENIZER_FILES
 
     model_dir = tmp_path / "m"
     shutil.copytree(tiny_model_dir, model_dir)

@@ -231,7 +231,7 @@ class StandInVLLMGeneration:
         pass
 
     def generate(self, prompts, images, num_generations, profiler=None):
-        from repo_rl.rollout import HFGenerator, SamplingParams
+        from repo_rl.engines import HFGenerator, SamplingParams
 
         assert images is None and num_generations == 1
         self.calls.append({"rows": len(prompts), "temperature": self.temperature, "max_tokens": self.max_completion_length})
@@ -305,15 +305,15 @@ def test_chat_prompts_rephrased_and_trained_under_q(chat_trainer, monkeypatch):
     trainer.model.train()
     prompts = [p for p in ds["prompt"][:3] for _ in range(4)]
     n_calls = []
-    import repo_rl.rollout
+    import repo_rl.engines.hf
 
-    original_generate = repo_rl.rollout.HFGenerator.generate
+    original_generate = repo_rl.engines.HFGenerator.generate
 
     def counting_generate(self, rows, params, seeds, logprobs=False):
         n_calls.append(len(rows))
         return original_generate(self, rows, params, seeds, logprobs=logprobs)
 
-    monkeypatch.setattr(repo_rl.rollout.HFGenerator, "generate", counting_generate)
+    monkeypatch.setattr(repo_rl.engines.HFGenerator, "generate", counting_generate)
     out = rollout(prompts, trainer)
     assert n_calls == [12, 3 * 2]  # rollouts, then all gated groups' rephrases in ONE call
     assert set(out) == {"prompt_ids", "completion_ids", "logprobs", "origin"}

@@ -252,10 +252,10 @@ class _Answerer:
 
 
 def test_eval_scores_open_answers_with_the_judge(tiny_model_dir, tmp_path, monkeypatch):
-    import repo_rl.rollout
+    import repo_rl.engines.hf
     from repo_rl.cli import main
 
-    monkeypatch.setitem(repo_rl.rollout.GENERATORS, "answerer", _Answerer)
+    monkeypatch.setitem(repo_rl.engines.GENERATORS, "answerer", _Answerer)
     rows = [{"problem": "always: capital of france?", "answer": "paris"}, {"problem": "never: capital of france?", "answer": "paris"}]
     data = tmp_path / "open.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))

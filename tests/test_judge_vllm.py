@@ -35,7 +35,7 @@ def _free_port() -> int:
 def served(tmp_path_factory):
     import httpx
 
-    from repo_rl.tiny import save_tiny_model_dir
+    from repo_rl.models.tiny import save_tiny_model_dir
 
     d = tmp_path_factory.mktemp("judge-model")
     save_tiny_model_dir(d / "model", make_tokenizer(), hidden_size=64, num_heads=2, num_kv_heads=1)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 from repo_rl.cli import main
-from repo_rl.step_metrics import as_prompt_text, log_line
+from repo_rl.step.metrics import as_prompt_text, log_line
 
 from .conftest import tiny_overrides
 
@@ -42,7 +42,7 @@ def test_evaluation_docs_name_the_real_checkpoint_layout():
     import re
     from pathlib import Path
 
-    import repo_rl.checkpoint as ck
+    import repo_rl.run.checkpoint as ck
 
     text = (Path(__file__).resolve().parents[1] / "docs" / "EVALUATION.md").read_text()
     paths = re.findall(r"checkpoints/(step-[0-9]+)(\S*)", text)

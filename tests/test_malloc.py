@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from repo_rl.config import ConfigError, build_config
-from repo_rl.malloc import set_mmap_threshold
+from repo_rl.run.malloc import set_mmap_threshold
 
 
 def test_zero_leaves_glibc_alone():
@@ -19,7 +19,7 @@ def test_zero_leaves_glibc_alone():
 def test_threshold_is_set_in_a_fresh_process():
     # A subprocess, so the test process keeps glibc's default behaviour.
     code = (
-        "from repo_rl.malloc import set_mmap_threshold; import platform;"
+        "from repo_rl.run.malloc import set_mmap_threshold; import platform;"
         "ok = set_mmap_threshold(128);"
         "print(ok, platform.libc_ver()[0])"
     )

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from repo_rl.config import build_config
-from repo_rl.logprobs import completion_logprobs
+from repo_rl.step.logprobs import completion_logprobs
 from repo_rl.trainer import Trainer
 
 from .conftest import tiny_overrides

@@ -90,7 +90,7 @@ def test_config_keys_list_every_method(key, capsys):
 
 def test_every_cache_lives_under_one_directory():
     from repo_rl.config import Config
-    from repo_rl.smollm import cache_root
+    from repo_rl.models.smollm import cache_root
 
     cfg = Config()
     assert cfg.reward.judge.cache == cfg.repo.judge.cache == "~/.cache/repo-rl/judge.sqlite"
@@ -107,7 +107,7 @@ def test_every_cache_lives_under_one_directory():
     (set(), False, "unknown"),
 ])
 def test_bf16_auto_follows_the_cpu(monkeypatch, flags, want, needle):
-    from repo_rl import health
+    from repo_rl.run import health
 
     monkeypatch.setattr(health, "cpu_flags", lambda: flags)
     on, why = health.resolve_bf16("auto", "cpu")
@@ -117,7 +117,7 @@ def test_bf16_auto_follows_the_cpu(monkeypatch, flags, want, needle):
 
 
 def test_the_start_line_says_which_precision_and_why(monkeypatch, tmp_path, tiny_model_dir, tiny_data, capsys):
-    from repo_rl import health
+    from repo_rl.run import health
     from repo_rl.cli import main
 
     from .conftest import tiny_overrides
@@ -238,7 +238,7 @@ STRICT_CASES = [
     ("\\boxed{9} ... no, 10", "9", 1.0, 1.0, 1.0, 1.0),  # the last box counts, not the last number
     ("\\boxed{10}. Reference: 9", "9", 0.0, 0.0, 0.0, 0.0),
     ("\\boxed{\\frac{1}{2}}", "0.5", 1.0, 1.0, 1.0, 1.0),
-    ("the answer is \\boxed{9", "9", None, 0.0, 1.0, 0.0),  # a truncated box is no box
+    ("the answer is \\boxed{9", "9", 0.0, 0.0, 1.0, 0.0),  # a truncated box is no box (math-verify finds nothing)
 ]
 
 

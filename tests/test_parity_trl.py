@@ -2,7 +2,7 @@
 
 The TRL side of every comparison is TRL's real code: ``GRPOTrainer._compute_loss`` (with its
 fused, temperature-scaled LM head) on a real ``GRPOTrainer``, and ``trl.trainer.utils.nanstd``
-for the advantages. Our side uses only the public pure functions (``repo_rl.logprobs``,
+for the advantages. Our side uses only the public pure functions (``repo_rl.step.logprobs``,
 ``repo_rl.algorithms``), so a redesign of the trainer cannot quietly change these numbers.
 
 ``python -m pytest tests/test_parity_trl.py -q -s -k table`` prints the parity table.
@@ -25,7 +25,7 @@ from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 from trl.trainer.utils import add_fused_lm_head, nanstd  # noqa: E402
 
 from repo_rl.algorithms import KIND_POLICY, aggregate, group_advantages, token_loss  # noqa: E402
-from repo_rl.logprobs import completion_logprobs  # noqa: E402
+from repo_rl.step.logprobs import completion_logprobs  # noqa: E402
 
 from .conftest import ROWS, make_tokenizer  # noqa: E402
 from .helpers.rewards import contains_answer  # noqa: E402

@@ -18,10 +18,10 @@ import yaml
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from repo_rl.checkpoint import STATE_FILE, list_checkpoints
+from repo_rl.run.checkpoint import STATE_FILE, list_checkpoints
 from repo_rl.config import Config, ConfigError, FieldsConfig, build_config, load_yaml, parse_override
 from repo_rl.data import DataError, load_examples
-from repo_rl.tracking import JsonlWriter, truncate_jsonl
+from repo_rl.run.tracking import JsonlWriter, truncate_jsonl
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 

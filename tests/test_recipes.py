@@ -10,7 +10,7 @@ from repo_rl.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if "accelerate" not in p.parts)
-PACKAGED = ROOT / "src" / "repo_rl" / "configs" / "toy.yaml"
+PACKAGED = ROOT / "src" / "repo_rl" / "toyworld" / "config.yaml"
 
 
 @pytest.mark.parametrize("path", RECIPES + [PACKAGED], ids=lambda p: str(p.relative_to(ROOT)))

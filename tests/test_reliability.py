@@ -486,7 +486,7 @@ def test_trust_remote_code_is_false_by_default_and_passed_as_false(tmp_path, tin
     import transformers
 
     from repo_rl.config import build_config
-    from repo_rl.modeling import load_model_and_tokenizer
+    from repo_rl.models.loading import load_model_and_tokenizer
 
     assert build_config({}).model.trust_remote_code is False
     # A model directory whose config points at custom code that would leave a mark if run.

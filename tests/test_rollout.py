@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from repo_rl.rollout import HFGenerator, SamplingParams, _filter_logits, derive_seed
+from repo_rl.engines.hf import HFGenerator, SamplingParams, _filter_logits, derive_seed
 
 from .conftest import make_tokenizer
 
@@ -248,7 +248,7 @@ def test_length_buckets():
 
 
 def test_preallocated_kv_layer_equals_concatenation_and_grows():
-    from repo_rl.rollout import _new_cache
+    from repo_rl.engines.hf import _new_cache
 
     g = torch.Generator().manual_seed(0)
     cache = _new_cache(5)
@@ -285,7 +285,7 @@ def test_decode_padding_mask_path_changes_no_sample(varied_model):
 def test_decode_padding_mask_only_for_full_attention_sdpa():
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from repo_rl.rollout import _full_attention_sdpa
+    from repo_rl.engines.hf import _full_attention_sdpa
 
     def model(**kw):
         cfg = Qwen2Config(vocab_size=16, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
@@ -353,7 +353,7 @@ def test_bucketed_decode_changes_no_sample(kind, monkeypatch):
 def test_bucketed_decode_only_for_known_attention_layouts():
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from repo_rl.rollout import _supports_bucketed_decode
+    from repo_rl.engines.hf import _supports_bucketed_decode
 
     tok = make_tokenizer()
     assert _supports_bucketed_decode(_tiny_causal_lm("llama", tok))
@@ -370,7 +370,7 @@ def test_bucketed_decode_only_for_known_attention_layouts():
 
 
 def test_select_rows_keeps_bucket_ranges_contiguous():
-    from repo_rl.rollout import _new_cache
+    from repo_rl.engines.hf import _new_cache
 
     caches = []
     for n in (3, 2, 2):
@@ -385,7 +385,7 @@ def test_select_rows_keeps_bucket_ranges_contiguous():
 
 
 def test_attention_implementation_is_restored_after_an_error():
-    from repo_rl.rollout import _attention_implementation
+    from repo_rl.engines.hf import _attention_implementation
 
     model = _tiny_causal_lm("qwen2", make_tokenizer())
     with pytest.raises(RuntimeError):
@@ -401,7 +401,7 @@ def test_matmul_decode_attention_equals_sdpa():
 
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from repo_rl.rollout import _matmul_decode_attention
+    from repo_rl.engines.hf import _matmul_decode_attention
 
     g = torch.Generator().manual_seed(1)
     n, H, kvh, D, S = 5, 6, 2, 16, 11
@@ -423,7 +423,7 @@ def test_matmul_decode_attention_equals_sdpa():
 
 
 def test_matmul_attention_only_where_measured_faster():
-    from repo_rl.rollout import _matmul_attention_pays
+    from repo_rl.engines.hf import _matmul_attention_pays
 
     assert _matmul_attention_pays(torch.zeros(16, 2, 100, 64))
     assert not _matmul_attention_pays(torch.zeros(8, 2, 100, 64))  # few rows

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from repo_rl.cli import main
-from repo_rl.run_dir import RunLock, identity_changes
+from repo_rl.run.directory import RunLock, identity_changes
 
 from .conftest import tiny_overrides
 
@@ -87,7 +87,7 @@ def test_a_second_run_on_the_same_directory_stops(tmp_path, tiny_model_dir, tiny
     finally:
         lock.release()
     # A killed holder leaves no stuck lock: the OS drops it with the process.
-    code = f"from repo_rl.run_dir import RunLock; from pathlib import Path; RunLock(Path({str(out)!r})).acquire(); print('held', flush=True); import time; time.sleep(60)"
+    code = f"from repo_rl.run.directory import RunLock; from pathlib import Path; RunLock(Path({str(out)!r})).acquire(); print('held', flush=True); import time; time.sleep(60)"
     p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert p.stdout.readline().strip() == "held"
     with pytest.raises(Exception, match="another run"):
@@ -153,7 +153,7 @@ def test_a_diverging_run_never_saves_blown_weights(tmp_path, tiny_model_dir, tin
 
 
 def test_default_threads_is_one_on_cpu_unless_the_environment_says(monkeypatch):
-    from repo_rl.health import default_threads
+    from repo_rl.run.health import default_threads
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     assert default_threads("cpu") == 1
@@ -162,7 +162,7 @@ def test_default_threads_is_one_on_cpu_unless_the_environment_says(monkeypatch):
 
 
 def test_exploded_by_hand():
-    from repo_rl.health import exploded
+    from repo_rl.run.health import exploded
 
     assert not exploded(10.0, None, 2.0)  # no reference yet: only a non-finite norm counts
     assert exploded(float("inf"), None, 2.0) and exploded(float("nan"), 10.0, 2.0)
@@ -171,7 +171,7 @@ def test_exploded_by_hand():
 
 
 def test_weight_norm_and_finiteness_against_a_plain_sum():
-    from repo_rl.health import weight_norm, weights_finite
+    from repo_rl.run.health import weight_norm, weights_finite
 
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
     plain = sum(float((p.detach() ** 2).sum()) for p in model.parameters()) ** 0.5
@@ -182,7 +182,7 @@ def test_weight_norm_and_finiteness_against_a_plain_sum():
 
 
 def test_good_checkpoint_hint_skips_the_checkpoint_of_the_update_before_the_first_bad_step(tmp_path):
-    from repo_rl.health import good_checkpoint_hint
+    from repo_rl.run.health import good_checkpoint_hint
 
     ckpts = [tmp_path / f"step-{i}" for i in (1, 2, 3, 4)]
     hint = good_checkpoint_hint(ckpts, first_bad_step=5)  # update 4 may have blown the weights up: step-3 is the last safe one

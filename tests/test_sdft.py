@@ -256,7 +256,7 @@ def test_a_teacher_prompt_over_the_context_is_refused_at_start(tmp_path, tiny_mo
 
 
 def test_the_log_line_of_an_sdft_step_shows_the_reverse_kl_not_the_gate():
-    from repo_rl.step_metrics import log_line
+    from repo_rl.step.metrics import log_line
 
     line = log_line({"step": 1, "loss": 0.5, "reward": 0.25, "sdft/reverse_kl": 0.0123, "repo/gate_rate": 0.0}, 4)
     assert "reverse kl 0.0123" in line and "gate" not in line

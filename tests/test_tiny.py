@@ -1,10 +1,10 @@
-"""repo_rl.tiny: the offline character tokenizer and tiny random Qwen2 used by tests, benchmarks and examples."""
+"""repo_rl.models.tiny: the offline character tokenizer and tiny random Qwen2 used by tests, benchmarks and examples."""
 
 from __future__ import annotations
 
 import torch
 
-from repo_rl.tiny import CHARS, make_char_tokenizer, make_tiny_qwen2, save_tiny_model_dir
+from repo_rl.models.tiny import CHARS, make_char_tokenizer, make_tiny_qwen2, save_tiny_model_dir
 
 
 def test_tokenizer_round_trips_and_has_pad_and_eos():

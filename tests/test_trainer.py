@@ -264,7 +264,7 @@ def test_logp_gap_equals_two_explicit_forwards(tmp_path, tiny_model_dir, tiny_da
 
 
 def test_choose_batching_needs_every_trial_and_picks_the_faster():
-    from repo_rl.rollout import BATCHING_TRIALS, choose_batching
+    from repo_rl.engines import BATCHING_TRIALS, choose_batching
 
     assert BATCHING_TRIALS == ("separate", "with_rollouts", "with_rollouts", "separate")
     assert choose_batching([("separate", 1.0), ("with_rollouts", 0.1), ("with_rollouts", 0.1)]) is None

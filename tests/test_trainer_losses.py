@@ -14,7 +14,7 @@ import torch
 from repo_rl import algorithms as alg
 from repo_rl.config import build_config
 from repo_rl.errors import UserError
-from repo_rl.evaluate import pass_at_k
+from repo_rl.evaluation import pass_at_k
 from repo_rl.trainer import Sequence_, Trainer
 
 from .conftest import tiny_overrides

@@ -1,4 +1,4 @@
-"""RePO's rephrase verification (``repo.verify``, :mod:`repo_rl.verify`): the strict final-answer
+"""RePO's rephrase verification (``repo.verify``, :mod:`repo_rl.step.verify`): the strict final-answer
 rule, the steps check, copy share, row and custom checks, the faithfulness judge against the
 loopback stub, and the checks at start."""
 
@@ -12,9 +12,9 @@ import torch
 from repo_rl.config import build_config, load_config
 from repo_rl.data import Example
 from repo_rl.errors import ConfigError, UserError
-from repo_rl.preflight import check_verify
+from repo_rl.step.verify import check_verify
 from repo_rl.rewards.scorer import RewardScorer
-from repo_rl.verify import (
+from repo_rl.step.verify import (
     FAITHFUL_TEMPLATE,
     RephraseVerifier,
     boxed_only,

@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 
-from repo_rl.rollout import HFGenerator, SamplingParams, make_generator
+from repo_rl.engines import HFGenerator, SamplingParams, make_generator
 
 from .conftest import ROWS, make_tokenizer, tiny_overrides
 
@@ -24,7 +24,7 @@ PROMPTS = ["what is 2+3?", "hello there friend", "4+4=", "a b c d e f g"]
 
 
 def _model(seed: int = 0):
-    from repo_rl.tiny import make_tiny_qwen2
+    from repo_rl.models.tiny import make_tiny_qwen2
 
     tok = make_tokenizer()
     model = make_tiny_qwen2(tok, hidden_size=128, num_heads=2, num_kv_heads=1, seed=seed)
@@ -129,7 +129,7 @@ def test_sync_weights_after_an_optimizer_step(engine):
 
 def test_lora_weights_are_merged_when_synced(engine):
     from repo_rl.config import LoraSettings
-    from repo_rl.modeling import apply_lora
+    from repo_rl.models.loading import apply_lora
 
     gen, _, tok, prompts = engine
     base, _ = _model(seed=3)
@@ -150,7 +150,7 @@ def test_lora_weights_are_merged_when_synced(engine):
 
 @pytest.fixture(scope="module")
 def vllm_model_dir(tmp_path_factory):
-    from repo_rl.tiny import save_tiny_model_dir
+    from repo_rl.models.tiny import save_tiny_model_dir
 
     path = tmp_path_factory.mktemp("tiny-vllm")
     save_tiny_model_dir(path, make_tokenizer(), hidden_size=128, num_heads=2, num_kv_heads=1)

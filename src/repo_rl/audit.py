@@ -1,4 +1,5 @@
-"""``repo-rl audit-rephrases``: what RePO would inject, measured on your own config before a run.
+"""``repo-rl audit-rephrases`` (the command is in :mod:`repo_rl.cli`): what RePO would inject, measured on
+your own config before a run.
 
     repo-rl audit-rephrases --config X -n 64 [--samples 4] [-o DIR] [key.sub=value ...]
 
@@ -10,7 +11,7 @@ records:
 
 * whether the training reward passes it, and how: through its final ``\\boxed{}`` answer alone, or
   only through fallback extraction (the last number of free text);
-* each check of :mod:`repo_rl.verify` (``reward``, ``strict`` and ``steps`` always; ``judge``,
+* each check of :mod:`repo_rl.step.verify` (``reward``, ``strict`` and ``steps`` always; ``judge``,
   ``row`` and custom checks when configured) and whether it passes ``repo.verify`` as a whole,
   the faithful rate of the table;
 * how much of the reference it copies (the share of the reference's word 6-grams it contains);
@@ -23,7 +24,6 @@ It writes ``DIR/audit.md`` (the table, also printed), ``DIR/audit.json`` and ``D
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import random
@@ -35,24 +35,6 @@ from typing import Any, Optional
 
 COPY_THRESHOLD = 0.5
 """A rephrase holding at least this share of the reference's word 6-grams counts as a copy."""
-
-
-def add_audit_parser(sub: Any) -> None:
-    a = sub.add_parser(
-        "audit-rephrases", intermixed=True,
-        help="sample rephrases of training rows with a run's settings and measure what would be injected",
-        description="Sample rephrases for N training rows with the config's template, engine, bank and repo.verify, "
-        "and write a table and a file of examples (verified and faithful rates, how each passed, copy rate, "
-        "log-prob per token under P(q,k) and q).",
-    )
-    a.add_argument("--config", "-c", help="YAML config file (default: the embedded toy world)")
-    a.add_argument("-n", "--rows", type=int, default=64, help="training rows to rephrase (default 64)")
-    a.add_argument("--samples", type=int, default=4, help="rephrases per row (default 4)")
-    a.add_argument("--batch", type=int, default=8, help="rows per generation call; the bank grows between calls (default 8)")
-    a.add_argument("--output-dir", "-o", help="where to write audit.md, audit.json and rephrases.jsonl "
-                   "(default runs/audit-<config>-<time>)")
-    a.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
-    a.set_defaults(func=main_audit)
 
 
 def _mean(xs: list[float]) -> float:
@@ -123,19 +105,19 @@ class Auditor:
         import torch
 
         from . import algorithms as alg
-        from .bank import RephraseBank
+        from .step.bank import RephraseBank
         from .data import load_examples
-        from .distributed import Dist
+        from .run.distributed import Dist
         from .errors import UserError
-        from .health import default_threads, resolve_bf16
-        from .modeling import eos_token_ids, load_model_and_tokenizer
-        from .preflight import check_verify, context_limit, resolve_data
-        from .prompts import PromptRenderer
+        from .run.health import default_threads, resolve_bf16
+        from .models.loading import eos_token_ids, load_model_and_tokenizer
+        from .run.preflight import context_limit, resolve_data
+        from .step.prompts import PromptRenderer
         from .rewards.scorer import RewardScorer
-        from .rollout import make_generator
-        from .sampling import StepSampler
-        from .update import PolicyUpdate
-        from .verify import RephraseVerifier
+        from .engines import make_generator
+        from .step.sampling import StepSampler
+        from .step.update import PolicyUpdate
+        from .step.verify import RephraseVerifier, check_verify
 
         self.cfg = cfg
         if not alg.METHODS[cfg.algorithm.method].rephrases:
@@ -200,9 +182,9 @@ class Auditor:
 
     def audit(self, rows: list[int], batch: int, progress: bool = True) -> list[dict[str, Any]]:
         """Rephrase, verify and label ``rows`` (dataset indices), ``batch`` rows per call."""
-        from .bank import BankEntry
-        from .step import Sequence_
-        from .verify import copy_share, steps_share
+        from .step.bank import BankEntry
+        from .step.types import Sequence_
+        from .step.verify import copy_share, steps_share
 
         cfg = self.cfg
         A = cfg.repo.num_attempts
@@ -218,7 +200,7 @@ class Auditor:
             shots_before = len(self.bank)
             prompt_rows, seeds = self.stages.rephrase_rows(exs, idx, list(range(len(exs))), b // batch)
             outs, _ = self._sample(prompt_rows, self.stages.rephrase_params(), seeds, False)
-            from .prompts import clean_rephrase
+            from .step.prompts import clean_rephrase
 
             comps, texts = [], []
             for ids in outs:
@@ -285,23 +267,4 @@ def run_audit(cfg: Any, out: Path, n: int, samples: int, batch: int, progress: b
     return s
 
 
-def main_audit(args: argparse.Namespace) -> int:
-    from .cli import _fail, _own_data, _quiet_library_bars, default_config_path
-    from .config import load_config
-
-    _quiet_library_bars()
-    if args.rows < 1 or args.samples < 1 or args.batch < 1:
-        return _fail("-n, --samples and --batch must be >= 1")
-    cfg_path = args.config or (None if _own_data(args.overrides) else default_config_path())
-    cfg = load_config(cfg_path, args.overrides)
-    stem = Path(args.config).stem if args.config else "toy"
-    out = Path(args.output_dir) if args.output_dir else Path("runs") / f"audit-{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    s = run_audit(cfg, out, args.rows, args.samples, args.batch)
-    if s is None:
-        return _fail("no training row has an expert solution (data.fields.solution), so there is nothing to rephrase")
-    print(table(s))
-    print(f"wrote {out / 'audit.md'}, {out / 'audit.json'} and {out / 'rephrases.jsonl'} ({s['wall_s']:.0f} s)", file=sys.stderr)
-    return 0
-
-
-__all__ = ["Auditor", "add_audit_parser", "main_audit", "run_audit", "summarize", "table"]
+__all__ = ["Auditor", "run_audit", "summarize", "table"]

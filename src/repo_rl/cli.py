@@ -10,11 +10,11 @@ import argparse
 import os
 import sys
 import time
-from importlib import resources
 from pathlib import Path
 from typing import Optional, Sequence
 
 from . import __version__
+from .config import default_config_path
 
 EXIT_USAGE = 2
 
@@ -59,10 +59,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # one line, exit 2, like every other usage error
         self.exit(EXIT_USAGE, f"repo-rl: error: {message} (see {self.prog} --help)\n")
-
-
-def default_config_path() -> Path:
-    return Path(str(resources.files("repo_rl") / "configs" / "toy.yaml"))
 
 
 def _quiet_deepspeed_probe() -> None:
@@ -112,7 +108,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.resume and not args.output_dir:
         return _fail("--resume needs --output-dir DIR (the run to continue)")
     if args.resume:
-        from .run_dir import load_resume_config
+        from .run.directory import load_resume_config
 
         out = Path(args.output_dir)
         cfg = load_resume_config(out, args.config, args.overrides, args.allow_config_change)
@@ -184,7 +180,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _own_data(overrides: Sequence[str]) -> bool:
     """Overrides that name training data other than the toy world's (another model alone still
     trains on the toy world, with its settings)."""
-    from .config_parse import parse_override
+    from .config.parse import parse_override
     from .errors import ConfigError
 
     for item in overrides:
@@ -258,6 +254,25 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return main_compare(args)
 
 
+def _cmd_audit(args: argparse.Namespace) -> int:
+    from .audit import run_audit, table
+    from .config import load_config
+
+    _quiet_library_bars()
+    if args.rows < 1 or args.samples < 1 or args.batch < 1:
+        return _fail("-n, --samples and --batch must be >= 1")
+    cfg_path = args.config or (None if _own_data(args.overrides) else default_config_path())
+    cfg = load_config(cfg_path, args.overrides)
+    stem = Path(args.config).stem if args.config else "toy"
+    out = Path(args.output_dir) if args.output_dir else Path("runs") / f"audit-{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    s = run_audit(cfg, out, args.rows, args.samples, args.batch)
+    if s is None:
+        return _fail("no training row has an expert solution (data.fields.solution), so there is nothing to rephrase")
+    print(table(s))
+    print(f"wrote {out / 'audit.md'}, {out / 'audit.json'} and {out / 'rephrases.jsonl'} ({s['wall_s']:.0f} s)", file=sys.stderr)
+    return 0
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from .report import write_report
 
@@ -310,13 +325,25 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("overrides", nargs="*", metavar="key.sub=value")
     c.set_defaults(func=_cmd_config)
 
-    from .evaluate import add_eval_parser
+    from .evaluation import add_eval_parser
 
     add_eval_parser(sub)
 
-    from .audit import add_audit_parser
-
-    add_audit_parser(sub)
+    a = sub.add_parser(
+        "audit-rephrases", intermixed=True,
+        help="sample rephrases of training rows with a run's settings and measure what would be injected",
+        description="Sample rephrases for N training rows with the config's template, engine, bank and repo.verify, "
+        "and write a table and a file of examples (verified and faithful rates, how each passed, copy rate, "
+        "log-prob per token under P(q,k) and q).",
+    )
+    a.add_argument("--config", "-c", help="YAML config file (default: the embedded toy world)")
+    a.add_argument("-n", "--rows", type=int, default=64, help="training rows to rephrase (default 64)")
+    a.add_argument("--samples", type=int, default=4, help="rephrases per row (default 4)")
+    a.add_argument("--batch", type=int, default=8, help="rows per generation call; the bank grows between calls (default 8)")
+    a.add_argument("--output-dir", "-o", help="where to write audit.md, audit.json and rephrases.jsonl "
+                   "(default runs/audit-<config>-<time>)")
+    a.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    a.set_defaults(func=_cmd_audit)
 
     cp = sub.add_parser(
         "compare", intermixed=True,
@@ -346,7 +373,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # OpenMP threads that spin while waiting steal a shared core from other work; set before torch loads.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     _quiet_deepspeed_probe()
-    from .run_dir import StopRequested
+    from .run.directory import StopRequested
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv:

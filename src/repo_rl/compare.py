@@ -21,7 +21,7 @@ from typing import Any, Callable, Optional, Sequence
 
 from .config import Config, load_config
 from .errors import UserError
-from .tracking import read_jsonl
+from .run.tracking import read_jsonl
 
 CURVES = [
     ("eval/hard/avg@1", "hard accuracy (held out)"),
@@ -77,7 +77,7 @@ def _valid_splits(d: Any) -> bool:
 def run_one(config_path: Path, overrides: list[str], method: str, seed: int, run_dir: Path, eval_n: Optional[int]) -> dict[str, Any]:
     """Train one (method, seed) and evaluate the toy splits before and after. Resumable; a torn
     ``result.json`` or ``before.json`` (an interrupted write) counts as an unfinished run."""
-    from .checkpoint import latest_checkpoint
+    from .run.checkpoint import latest_checkpoint
     from .trainer import Trainer
 
     done = run_dir / "result.json"
@@ -213,7 +213,7 @@ def compare(
     first_seed: int = 0,
 ) -> dict[str, Any]:
     from .algorithms import METHODS
-    from .cli import default_config_path
+    from .config import default_config_path
 
     unknown = [m for m in methods if m not in METHODS]
     if unknown:

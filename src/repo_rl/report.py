@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 from typing import Any, Optional
 
-from .tracking import read_jsonl
+from .run.tracking import read_jsonl
 
 PLOTS = [
     ("reward", "reward (after group composition)"),

@@ -7,9 +7,9 @@ One step (:meth:`Trainer.train_step`)::
       -> advantages -> update (log-probs under the ORIGINAL prompt, loss, optimizer step)
       -> metrics / completions log
 
-Where the stages live: :mod:`repo_rl.sampling` (rollouts, candidates, composition),
-:mod:`repo_rl.update` (the update), :mod:`repo_rl.step_metrics` (metrics),
-:mod:`repo_rl.run_state` (checkpoints and resume), :mod:`repo_rl.preflight` (checks at start).
+Where the stages live: :mod:`repo_rl.step.sampling` (rollouts, candidates, composition),
+:mod:`repo_rl.step.update` (the update), :mod:`repo_rl.step.metrics` (metrics),
+:mod:`repo_rl.run.state` (checkpoints and resume), :mod:`repo_rl.run.preflight` (checks at start).
 """
 
 from __future__ import annotations
@@ -24,26 +24,26 @@ from typing import Any, Optional
 import torch
 
 from . import algorithms as alg
-from .checkpoint import latest_checkpoint, list_checkpoints
+from .run.checkpoint import latest_checkpoint, list_checkpoints
 from .config import Config
 from .data import DataError, Example, LoadReport, PromptSampler, load_examples
-from .distributed import Dist, deepspeed_engine, full_parameters, fully_shard_model
+from .run.distributed import Dist, deepspeed_engine, full_parameters, fully_shard_model
 from .errors import TrainingError, UserError
-from .evaluate import pass_at_k
-from .logprobs import check_chunkable
-from .malloc import set_mmap_threshold
-from .modeling import apply_lora, eos_token_ids, load_model_and_tokenizer
-from .bank import RephraseBank
-from .preflight import check_prompt_lengths, check_rephrase_lengths, check_solutions, check_verify, context_limit, resolve_data
-from .prompts import PromptRenderer
+from .evaluation import pass_at_k
+from .step.logprobs import check_chunkable
+from .run.malloc import set_mmap_threshold
+from .models.loading import apply_lora, eos_token_ids, load_model_and_tokenizer
+from .step.bank import RephraseBank
+from .run.preflight import check_prompt_lengths, check_rephrase_lengths, check_solutions, context_limit, resolve_data
+from .step.prompts import PromptRenderer
 from .rewards.scorer import RewardScorer
-from .rollout import BATCHING_TRIALS, SamplingParams, derive_seed, make_generator
-from .health import default_threads, exploded, good_checkpoint_hint, resolve_bf16, weight_norm, weights_finite
-from .run_dir import RunLock, StopRequested, StopSignals, absolute_paths, data_fingerprint
-from .run_state import RunState, apply_hyperparameters, find_resume_checkpoint, load_run, load_weights, save_run
-from .sampling import STREAM_EVAL, STREAM_REPHRASE, STREAM_ROLLOUT, STREAM_STEP, StepSampler  # noqa: F401
-from .step import Group, Sequence_
-from .step_metrics import (
+from .engines import BATCHING_TRIALS, SamplingParams, derive_seed, make_generator
+from .run.health import default_threads, exploded, good_checkpoint_hint, resolve_bf16, weight_norm, weights_finite
+from .run.directory import RunLock, StopRequested, StopSignals, absolute_paths, data_fingerprint
+from .run.state import RunState, apply_hyperparameters, find_resume_checkpoint, load_run, load_weights, save_run
+from .step.sampling import STREAM_EVAL, STREAM_REPHRASE, STREAM_ROLLOUT, STREAM_STEP, StepSampler  # noqa: F401
+from .step.types import Group, Sequence_
+from .step.metrics import (
     completion_records,
     log_line,
     counter_metrics,
@@ -53,9 +53,9 @@ from .step_metrics import (
     track_hard_prompts,
     write_completions,
 )
-from .tracking import JsonlWriter, Trackers, check_writable
-from .update import PolicyUpdate, lr_factor
-from .verify import RephraseVerifier
+from .run.tracking import JsonlWriter, Trackers, check_writable
+from .step.update import PolicyUpdate, lr_factor
+from .step.verify import RephraseVerifier, check_verify
 
 
 class Trainer:
@@ -394,7 +394,7 @@ class Trainer:
                 "repo/uptake_n": c["n"]}
 
     def _exploded(self) -> bool:
-        """:func:`~repo_rl.health.exploded` after an update (the norm of a good step becomes the
+        """:func:`~repo_rl.run.health.exploded` after an update (the norm of a good step becomes the
         next reference); not checked when the weights are sharded."""
         limit = self.cfg.train.max_weight_growth
         if limit is None or self.dist.sharded:
@@ -538,8 +538,9 @@ class Trainer:
         finally:
             if bar is not None:
                 bar.close()
-            if self.dist.is_main:
-                for line in self.scorer.summary():
+            summary = getattr(self.scorer, "summary", None)  # a scorer stand-in may have none
+            if self.dist.is_main and callable(summary):
+                for line in summary():
                     self._say(line)
             if self.metrics_log is not None:
                 self.metrics_log.close()

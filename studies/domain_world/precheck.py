@@ -54,10 +54,10 @@ def main(argv=None) -> int:
 
     from repo_rl.config import FieldsConfig, ModelConfig, RepoConfig
     from repo_rl.data import load_examples
-    from repo_rl.modeling import eos_token_ids, load_model_and_tokenizer
-    from repo_rl.prompts import PromptRenderer, strip_meta
+    from repo_rl.models.loading import eos_token_ids, load_model_and_tokenizer
+    from repo_rl.step.prompts import PromptRenderer, strip_meta
     from repo_rl.rewards import make_numeric_reward
-    from repo_rl.rollout import SamplingParams, derive_seed, make_generator
+    from repo_rl.engines import SamplingParams, derive_seed, make_generator
 
     torch.set_num_threads(1)
     data = Path(args.data)

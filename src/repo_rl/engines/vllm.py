@@ -8,7 +8,7 @@ writes the weights to a safetensors file (LoRA adapters merged into their base w
 worker reloads them in place (:mod:`repo_rl.engines.vllm_worker`); the prefix cache is reset so no
 KV of the old weights is reused.
 
-Sampling follows :class:`repo_rl.rollout.Generator`: one request per row, row ``i`` seeded with
+Sampling follows :class:`repo_rl.engines.Generator`: one request per row, row ``i`` seeded with
 ``seeds[i]`` (vLLM's per-request seed, so a row's sample does not depend on the batch around it),
 EOS kept in the completion when produced. Sampled-token log-probs are vLLM's
 ``processed_logprobs`` (after temperature; with the default top-p 1 and top-k 0 that is
@@ -76,7 +76,7 @@ def _shm_dir() -> Optional[str]:
 
 
 class VLLMGenerator:
-    """A colocated vLLM engine behind the :class:`~repo_rl.rollout.Generator` protocol."""
+    """A colocated vLLM engine behind the :class:`~repo_rl.engines.Generator` protocol."""
 
     def __init__(
         self,
@@ -177,7 +177,7 @@ class VLLMGenerator:
     def generate(
         self, prompts: Sequence[Sequence[int]], params: Any, seeds: Sequence[int], logprobs: bool = False
     ) -> Any:
-        """Completion ids per row, or ``(ids, token_logprobs)`` with ``logprobs`` (see :class:`~repo_rl.rollout.Generator`)."""
+        """Completion ids per row, or ``(ids, token_logprobs)`` with ``logprobs`` (see :class:`~repo_rl.engines.Generator`)."""
         from vllm import SamplingParams as VSamplingParams
         from vllm.inputs import TokensPrompt
 

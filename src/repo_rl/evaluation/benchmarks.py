@@ -94,7 +94,7 @@ class Benchmark:
 
 def shuffle_seed(seed: int, index: int) -> int:
     """Seed of the option order of the (GPQA) item at row ``index``."""
-    from ..rollout import derive_seed  # lazy: rollout imports torch
+    from ..engines import derive_seed  # lazy: the engines import torch
 
     return derive_seed(seed, STREAM_SHUFFLE, index)
 

@@ -1,8 +1,8 @@
 """The ``repo-rl eval`` command: its arguments, their checks, the run and the stdout table.
 
 Every benchmark is read and checked before the model is loaded; the model comes from
-:func:`repo_rl.modeling.load_model_and_tokenizer` and the engine from
-:func:`repo_rl.rollout.make_generator` (``--backend``), as in training.
+:func:`repo_rl.models.loading.load_model_and_tokenizer` and the engine from
+:func:`repo_rl.engines.make_generator` (``--backend``), as in training.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 from ..config import JudgeConfig
 from ..errors import UserError
@@ -26,12 +26,12 @@ __all__ = ["BackendChoices", "add_eval_parser", "check_args", "format_table", "l
 
 
 class BackendChoices:
-    """``sorted(repo_rl.rollout.GENERATORS)``, read when argparse needs it (a given ``--backend``,
+    """``sorted(repo_rl.engines.GENERATORS)``, read when argparse needs it (a given ``--backend``,
     ``--help``), so building the parser does not import torch and late registrations count."""
 
     @staticmethod
     def names() -> list[str]:
-        from ..rollout import GENERATORS  # lazy: rollout imports torch
+        from ..engines import GENERATORS  # lazy: the engines import torch
 
         return sorted(GENERATORS)
 
@@ -64,7 +64,9 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.6, help="sampling temperature, 0 = greedy (default 0.6)")
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling (default 0.95)")
     p.add_argument("--top-k", type=int, default=0, help="top-k sampling, 0 = off (default 0)")
-    p.add_argument("--max-new-tokens", type=int, default=1024, help="completion length limit (default 1024)")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help=f"completion length limit (default {DEFAULT_MAX_NEW_TOKENS}, or what the model's context leaves "
+                        "after the longest prompt when that is less)")
     p.add_argument("--output", "-o", help="results JSON (default runs/eval-<model>-<time>/results.json); "
                    "per-item completions go next to it as <stem>.<benchmark>.jsonl")
     p.add_argument("--limit", type=int, help="evaluate only the first N items of each benchmark")
@@ -108,7 +110,7 @@ def check_args(args: argparse.Namespace) -> None:
         (args.temperature >= 0, f"--temperature {args.temperature}: must be >= 0"),
         (0 < args.top_p <= 1, f"--top-p {args.top_p}: must be in (0, 1]"),
         (args.top_k >= 0, f"--top-k {args.top_k}: must be >= 0"),
-        (args.max_new_tokens >= 1, f"--max-new-tokens {args.max_new_tokens}: must be >= 1"),
+        (args.max_new_tokens is None or args.max_new_tokens >= 1, f"--max-new-tokens {args.max_new_tokens}: must be >= 1"),
         (args.batch_size >= 1, f"--batch-size {args.batch_size}: must be >= 1"),
         (args.limit is None or args.limit >= 1, f"--limit {args.limit}: must be >= 1"),
         (args.threads is None or args.threads >= 1, f"--threads {args.threads}: must be >= 1"),
@@ -155,6 +157,35 @@ def load_benchmarks(args: argparse.Namespace, fields: dict[str, str]) -> list[Be
     return benches
 
 
+DEFAULT_MAX_NEW_TOKENS = 1024
+
+
+def fit_new_tokens(asked: Optional[int], ctx: Optional[int], prompt_lengths: list[int]) -> int:
+    """``--max-new-tokens`` against the model's context (``ctx`` tokens): a value at or past it is a
+    one-line error; the default becomes what the context leaves after the longest prompt when that is
+    less (with a note); prompts that leave less than an asked value are counted in a note."""
+    longest = max(prompt_lengths, default=0)
+    if ctx is None:
+        return asked or DEFAULT_MAX_NEW_TOKENS
+    if asked is not None and asked >= ctx:
+        raise UserError(f"--max-new-tokens {asked}: the model's context is {ctx} tokens (max_position_embeddings), which "
+                        f"leaves no room for a prompt; expected at most {ctx - 1}, and less than {ctx - longest} to fit "
+                        "the longest prompt")
+    if asked is None:
+        room = ctx - longest
+        if room >= DEFAULT_MAX_NEW_TOKENS:
+            return DEFAULT_MAX_NEW_TOKENS
+        room = max(room, 1)
+        print(f"note: --max-new-tokens {room} (the default {DEFAULT_MAX_NEW_TOKENS} does not fit the model's {ctx}-token "
+              f"context after the longest prompt, {longest} tokens)", file=sys.stderr)
+        return room
+    over = sum(n + asked > ctx for n in prompt_lengths)
+    if over:
+        print(f"note: {over} items' prompts leave fewer than --max-new-tokens {asked} tokens of the model's {ctx}-token "
+              "context; their completions may run past what the model was trained on", file=sys.stderr)
+    return asked
+
+
 def make_judge(args: argparse.Namespace) -> Any:
     """The judge reward of ``--kind judge``, checked against its server."""
     from ..rewards.judge import JudgeReward
@@ -185,10 +216,10 @@ def run_eval_command(args: argparse.Namespace) -> int:
 
     from .. import __version__
     from ..config import ModelConfig
-    from ..modeling import eos_token_ids, load_model_and_tokenizer
-    from ..prompts import PromptRenderer
+    from ..models.loading import eos_token_ids, load_model_and_tokenizer
+    from ..step.prompts import PromptRenderer
     from ..rewards import choice_reward, make_math_reward
-    from ..rollout import SamplingParams, make_generator
+    from ..engines import SamplingParams, make_generator
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -205,15 +236,9 @@ def run_eval_command(args: argparse.Namespace) -> int:
         raise UserError(str(e).replace("model.name_or_path=", "--model ", 1)) from None
     model.eval()
     ctx = getattr(model.config, "max_position_embeddings", None)
-    if isinstance(ctx, int) and ctx > 0 and args.max_new_tokens >= ctx:
-        raise UserError(f"--max-new-tokens {args.max_new_tokens}: the model's context is {ctx} tokens (max_position_embeddings), "
-                        f"which leaves no room for a prompt; expected at most {ctx - 1}, and well below it")
     renderer = PromptRenderer(tokenizer, mcfg.chat_template, mcfg.system_prompt)
-    if isinstance(ctx, int) and ctx > 0:
-        over = sum(len(renderer.ids(it.prompt)) + args.max_new_tokens > ctx for b in benches for it in b.items)
-        if over:
-            print(f"note: {over} items' prompts leave fewer than --max-new-tokens {args.max_new_tokens} tokens of the model's "
-                  f"{ctx}-token context; their completions may run past what the model was trained on", file=sys.stderr)
+    args.max_new_tokens = fit_new_tokens(args.max_new_tokens, ctx if isinstance(ctx, int) and ctx > 0 else None,
+                                         [len(renderer.ids(it.prompt)) for b in benches for it in b.items])
     eos = eos_token_ids(model, tokenizer)
     options = {"autocast_dtype": torch.bfloat16} if args.bf16 else {}
     generator = make_generator(model, eos, tokenizer.pad_token_id, backend=backend, **options)

@@ -1,5 +1,5 @@
 """Running a benchmark: sample ``n`` completions per item with a generation engine (built by
-:func:`repo_rl.rollout.make_generator`), score them with the training verifiers, write one JSONL
+:func:`repo_rl.engines.make_generator`), score them with the training verifiers, write one JSONL
 line per item and summarise with :mod:`.metrics`.
 
 Sample ``j`` of the item at row ``i`` is seeded with :func:`sample_seed`, so a completion does
@@ -37,7 +37,7 @@ STREAM_SAMPLE = 0x5EED01
 
 def sample_seed(seed: int, index: int, sample: int) -> int:
     """Seed of sample ``sample`` of the item at row ``index``."""
-    from ..rollout import derive_seed  # lazy: rollout imports torch
+    from ..engines import derive_seed  # lazy: the engines import torch
 
     return derive_seed(seed, STREAM_SAMPLE, index, sample)
 
@@ -55,8 +55,8 @@ def generate(
 ) -> list[list[tuple[list[int], int]]]:
     """``n`` completions ``(token ids, seed)`` per item, in batches of ``batch_size`` rows.
 
-    ``generator`` is an engine (:class:`repo_rl.rollout.Generator`), ``renderer`` a
-    :class:`repo_rl.prompts.PromptRenderer`, ``params`` :class:`repo_rl.rollout.SamplingParams`.
+    ``generator`` is an engine (:class:`repo_rl.engines.Generator`), ``renderer`` a
+    :class:`repo_rl.step.prompts.PromptRenderer`, ``params`` :class:`repo_rl.engines.SamplingParams`.
     """
     from tqdm.auto import tqdm
 

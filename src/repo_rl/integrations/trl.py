@@ -11,14 +11,14 @@
 TRL hands the rollout function the prompts of one generation batch, each repeated
 ``num_generations`` (G) times in a row. For every group of G copies the function:
 
-1. generates G completions with the trainer's current model (:func:`repo_rl.rollout.make_generator`);
+1. generates G completions with the trainer's current model (:func:`repo_rl.engines.make_generator`);
 2. scores them with the trainer's reward functions, called as TRL calls them (dataset columns
    as keyword arguments, ``completion_ids``, ``trainer_state``);
 3. applies the RePO gate (:func:`repo_rl.algorithms.groups.gate`): failure fraction >= ``rho``
    and the prompt has an expert solution in the training dataset;
 4. rephrases: the current policy answers P(q, k)
-   (:meth:`repo_rl.prompts.PromptRenderer.rephrase_prompt`), all gated groups in ONE
-   generation call; meta text is removed with :func:`repo_rl.prompts.strip_meta`;
+   (:meth:`repo_rl.step.prompts.PromptRenderer.rephrase_prompt`), all gated groups in ONE
+   generation call; meta text is removed with :func:`repo_rl.step.prompts.strip_meta`;
 5. verifies each rephrase with the same reward functions (reward >= ``delta``);
 6. puts verified rephrases in place of the lowest-reward completions
    (:func:`~repo_rl.algorithms.groups.inject_candidates`, the trainer's own composition);
@@ -95,9 +95,9 @@ from ..algorithms.groups import (  # noqa: E402
 )
 from ..config import RepoConfig  # noqa: E402
 from ..data import Example, as_text, get_field  # noqa: E402
-from ..prompts import PromptRenderer, clean_rephrase  # noqa: E402
+from ..step.prompts import PromptRenderer, clean_rephrase  # noqa: E402
 from ..rewards.combine import combine_rewards  # noqa: E402
-from ..rollout import SamplingParams, derive_seed, make_generator  # noqa: E402
+from ..engines import SamplingParams, derive_seed, make_generator  # noqa: E402
 
 __all__ = [
     "ALLOW_UNTESTED_ENV",
@@ -133,7 +133,7 @@ def _noop(*args: Any, **kwargs: Any) -> None:
 
 class TRLVLLMEngine:
     """TRL's own vLLM engine (``trainer.vllm_generation``, built by ``GRPOTrainer(use_vllm=True)``)
-    behind the :class:`repo_rl.rollout.Generator` protocol.
+    behind the :class:`repo_rl.engines.Generator` protocol.
 
     TRL keeps its engine's weights in sync before it calls the rollout function, so
     :meth:`sync_weights` has nothing to do. Sampling uses TRL's engine and TRL's seed: the per-row

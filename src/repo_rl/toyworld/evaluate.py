@@ -1,7 +1,7 @@
 """Greedy-decoding accuracy of a toy-world model, through the shared evaluation path.
 
 Completions come from the generation engine of training and ``repo-rl eval``
-(:func:`repo_rl.rollout.make_generator`, greedy :class:`~repo_rl.rollout.SamplingParams`; the
+(:func:`repo_rl.engines.make_generator`, greedy :class:`~repo_rl.engines.SamplingParams`; the
 ``hf`` engine matches ``model.generate(do_sample=False)`` token for token), and accuracy is the
 shared metric of :mod:`repo_rl.evaluation.metrics`: with one greedy sample per row it is avg@1
 (= pass@1), the fraction of rows whose ``toy_reward`` is correct.
@@ -28,7 +28,7 @@ def _max_new_tokens(rows: Sequence[dict]) -> int:
 def generate_greedy(model, tokenizer, prompts: Sequence[str], batch_size: int = 128,
                     max_new_tokens: int = 48) -> list[str]:
     """Greedy completions (decoded with ``skip_special_tokens=True``), ``batch_size`` rows per forward."""
-    from ..rollout import SamplingParams, make_generator  # lazy: rollout imports torch
+    from ..engines import SamplingParams, make_generator  # lazy: the engines import torch
 
     if not prompts:
         return []

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Any, Optional, Sequence
 
-from .data import Example, Prompt
+from ..data import Example, Prompt
 
 
 class PromptRenderer:
@@ -52,7 +52,7 @@ class PromptRenderer:
         """P(q, k): the question and the expert solution in the rephrase template.
 
         For a chat prompt the last user message is replaced, so system messages and earlier
-        turns are kept. ``shots`` (:class:`repo_rl.bank.BankEntry`: ``question``, ``solution``,
+        turns are kept. ``shots`` (:class:`repo_rl.step.bank.BankEntry`: ``question``, ``solution``,
         ``text``) come first as earlier turns: the template filled with a shot's question and
         solution, answered by its rephrase; the prompt is then a list of messages.
         """

@@ -44,16 +44,14 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from .data import Example
-from .errors import UserError
-from .rewards.extract import extract_boxed
-
-ANSWER_CHECKS = ("reward", "strict")
-BUILTIN_CHECKS = ("reward", "strict", "steps", "judge", "row")
+from ..config.checks import ANSWER_CHECKS, BUILTIN_CHECKS  # the names repo.verify accepts
+from ..data import Example
+from ..errors import UserError
+from ..rewards.extract import extract_boxed
 
 FAITHFUL_TEMPLATE = (
     "You are checking a student's solution against an expert's reference solution.\n\n"
@@ -190,7 +188,7 @@ class RephraseVerifier:
         self.scorer = scorer
         self.judge = None
         if "judge" in self.checks:
-            from .rewards.judge import JudgeReward
+            from ..rewards.judge import JudgeReward
 
             jc = r.judge
             self.judge = JudgeReward(
@@ -209,7 +207,7 @@ class RephraseVerifier:
         self.custom: dict[str, Any] = {}
         for spec in self.checks:
             if spec not in BUILTIN_CHECKS:
-                from .rewards.scorer import RewardScorer
+                from ..rewards.scorer import RewardScorer
 
                 self.custom[spec] = RewardScorer([spec], None, cfg.reward.timeout)
 
@@ -283,6 +281,55 @@ class RephraseVerifier:
         return Verdicts(reward, score, passed, checks, counters)
 
 
+def check_verify(cfg: Any, examples: list[Example], scorer: Any, say: Optional[Callable[[str], None]] = None) -> None:
+    """``repo.verify`` against the data, before any model loads:
+
+    * ``strict``: the expert solutions' own final ``\\boxed{}`` answers are scored by the strict rule
+      (at most 256 of them). A reference that cannot pass its own verifier means no rephrase can
+      either: none with a box and a template that does not ask for one, or none that passes (a
+      reward that needs the whole text), is an error. Solutions without boxes under a template that
+      asks for one are fine: the rephrase boxes its answer.
+    * ``row``: every row's own regular expressions compile; none at all is a notice (the check then
+      passes everything).
+    """
+
+    say = say or _notice
+    r = cfg.repo
+    sols = [e for e in examples if e.solution is not None]
+    if "strict" in r.verify and sols:
+        boxed = [e for e in sols if extract_boxed(e.solution or "") is not None]
+        asks = "\\boxed" in r.rephrase_template
+        if not boxed:
+            if not asks:
+                raise UserError(
+                    f"repo.verify=strict: none of the {len(sols)} expert solutions has a \\boxed{{}} answer and "
+                    "repo.rephrase_template does not ask for one, so no rephrase could ever verify; ask for the final answer "
+                    "in \\boxed{} in the template, or use repo.verify=[reward]"
+                )
+        else:
+            sample = boxed[:256]
+            texts = ["\\boxed{" + (extract_boxed(e.solution or "") or "") + "}" for e in sample]
+            scores, _ = scorer([e.prompt for e in sample], texts, sample)
+            if not bool((scores >= r.delta).any()):
+                raise UserError(
+                    f"repo.verify=strict: none of {len(sample)} expert solutions passes the strict rule (its last \\boxed{{}} "
+                    f"answer alone, scored by reward.funcs={cfg.reward.funcs}, stays below repo.delta={r.delta}), so no reference "
+                    "answer verifies and no rephrase could; a reward that needs the whole text cannot score a boxed answer "
+                    "alone: use repo.verify=[reward] or check data.fields.answer"
+                )
+    if "row" in r.verify:
+        n = check_row_patterns(examples, r.row_check_column)
+        if n == 0:
+            say(f"repo.verify=row: no training row has a {r.row_check_column!r} column (repo.row_check_column), so the row "
+                "check passes every rephrase")
+
+
+def _notice(msg: str) -> None:
+    import sys
+
+    print(f"repo-rl: {msg}", file=sys.stderr)
+
+
 __all__ = [
     "ANSWER_CHECKS",
     "BUILTIN_CHECKS",
@@ -290,6 +337,7 @@ __all__ = [
     "RephraseVerifier",
     "Verdicts",
     "boxed_only",
+    "check_verify",
     "check_label",
     "check_row_patterns",
     "copy_share",

@@ -9,8 +9,8 @@ Validation errors raise :class:`ConfigError` with a one-line message that names 
 and says what is expected; the CLI turns it into exit code 2.
 
 This module holds the schema and the entry points (:func:`load_config`, :func:`build_config`);
-:mod:`repo_rl.config_parse` reads YAML and overrides and coerces values, and
-:mod:`repo_rl.config_checks` checks ranges and combinations.
+:mod:`repo_rl.config.parse` reads YAML and overrides and coerces values, and
+:mod:`repo_rl.config.checks` checks ranges and combinations.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-from .config_checks import validate
-from .config_parse import _build, _type_name, load_yaml, merge_config, parse_override
-from .errors import ConfigError
+from .checks import validate
+from .parse import _build, _type_name, load_yaml, merge_config, parse_override
+from ..errors import ConfigError
 
 
 # --------------------------------------------------------------------------------------
@@ -220,7 +220,7 @@ class RepoConfig:
     """Log ``repo/logp_gap`` = log pi(o_rep|P(q,k)) - log pi(o_rep|q) over injected rephrases (taken from the
     sampler and the update's forward pass, so it costs no extra forward in the usual case)."""
     verify: list[str] = field(default_factory=lambda: ["strict"])
-    """Checks a rephrase must pass to be injected, all of them (``repo_rl.verify``): ``reward`` (the
+    """Checks a rephrase must pass to be injected, all of them (``repo_rl.step.verify``): ``reward`` (the
     training reward on the whole text, fallback extraction included), ``strict`` (the training reward on
     the last ``\\boxed{}`` alone), ``steps`` (the expert solution's working numbers appear, see
     ``repo.steps_min``), ``judge`` (an LLM judge of faithfulness, ``repo.judge``), ``row`` (the row's own
@@ -235,10 +235,10 @@ class RepoConfig:
     each of which must match the rephrase."""
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     """``judge`` check: the server, model and template of the faithfulness judge (template '': the
-    built-in one, ``repo_rl.verify.FAITHFUL_TEMPLATE``; ``{reference}`` is the expert solution)."""
+    built-in one, ``repo_rl.step.verify.FAITHFUL_TEMPLATE``; ``{reference}`` is the expert solution)."""
     fewshot: int = 0
     """Earlier verified rephrases of this run shown as worked examples in the rephrase prompt (the
-    rephrase bank, ``repo_rl.bank``): as earlier chat turns, or earlier blocks of a plain-text prompt.
+    rephrase bank, ``repo_rl.step.bank``): as earlier chat turns, or earlier blocks of a plain-text prompt.
     The bank starts empty and the policy fills it; 0: off."""
     bank_size: int = 64
     """Most rephrases the bank keeps (one per training prompt; the oldest leaves first). Saved in checkpoints."""
@@ -420,7 +420,7 @@ class ToyWorldSettings:
 
     def world_config(self) -> Any:
         """The :class:`repo_rl.toyworld.ToyWorldConfig` these settings describe."""
-        from .toyworld import ToyWorldConfig
+        from ..toyworld import ToyWorldConfig
 
         try:
             return ToyWorldConfig(**dataclasses.asdict(self))
@@ -454,7 +454,7 @@ class GenerationConfig:
     """TRL's name: GPUs per engine (GPU only; 1 on CPU)."""
 
     def engine_options(self) -> dict[str, Any]:
-        """Keyword options of the chosen engine for :func:`repo_rl.rollout.make_generator`."""
+        """Keyword options of the chosen engine for :func:`repo_rl.engines.make_generator`."""
         if self.backend != "vllm":
             return {}
         return {f.name.removeprefix("vllm_"): getattr(self, f.name) for f in dataclasses.fields(self) if f.name.startswith("vllm_")}
@@ -520,6 +520,13 @@ def build_config(
     cfg = _build(Config, data)
     validate(cfg)
     return cfg
+
+
+def default_config_path() -> Path:
+    """The config ``repo-rl train`` runs without ``--config``: the toy world's recipe."""
+    from importlib import resources
+
+    return Path(str(resources.files("repo_rl") / "toyworld" / "config.yaml"))
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:

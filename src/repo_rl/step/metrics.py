@@ -8,8 +8,8 @@ from typing import Any, Callable
 
 import torch
 
-from . import algorithms as alg
-from .step import Group
+from .. import algorithms as alg
+from .types import Group
 
 STEP_COUNTERS = ("repo/groups", "repo/gated", "repo/attempts", "repo/verified", "repo/replaced", "repo/positive")
 

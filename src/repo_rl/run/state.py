@@ -1,5 +1,5 @@
 """The state of a run that a checkpoint carries beyond model and optimizer, and the save and
-resume of a whole run (FSDP and DeepSpeed included) around :mod:`repo_rl.checkpoint`."""
+resume of a whole run (FSDP and DeepSpeed included) around :mod:`repo_rl.run.checkpoint`."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .checkpoint import clean_partial, latest_checkpoint, load_model_weights, load_training_state, save_checkpoint
-from .data import DataError, PromptSampler
+from ..data import DataError, PromptSampler
 from .distributed import Dist, deepspeed_full_weights, full_state_dicts
-from .errors import UserError
-from .rollout import choose_batching
+from ..errors import UserError
+from ..engines import choose_batching
 from .tracking import truncate_jsonl
 
 LOGS = ("metrics.jsonl", "completions.jsonl")
@@ -32,13 +32,13 @@ class RunState:
     batching_trials: list[tuple[str, float]] = field(default_factory=list)
     """``repo.rephrase_batching=auto``: (mode, seconds) of the trial steps."""
     data_fingerprint: Optional[str] = None
-    """:func:`repo_rl.run_dir.data_fingerprint` of the training data the run started on."""
+    """:func:`repo_rl.run.directory.data_fingerprint` of the training data the run started on."""
     good_weight_norm: Optional[float] = None
     """L2 norm of the weights after the last good step (``train.max_weight_growth``)."""
     first_bad_step: Optional[int] = None
     """The first step of the current streak of non-finite steps (None: the last step was good)."""
     bank: Optional[dict[str, Any]] = None
-    """The rephrase bank (:meth:`repo_rl.bank.RephraseBank.state_dict`), taken at save time."""
+    """The rephrase bank (:meth:`repo_rl.step.bank.RephraseBank.state_dict`), taken at save time."""
     uptake: list[dict[str, Any]] = field(default_factory=list)
     """``repo.uptake_after``: injected rephrases waiting to be re-scored under q
     (``step``, ``prompt_ids``, ``completion_ids``, ``logp_then`` per token)."""

@@ -1,5 +1,5 @@
-"""Generation behind a small protocol and one engine factory (:func:`make_generator`): the built-in HF
-sampler here, vLLM in :mod:`repo_rl.engines.vllm`.
+"""Generation behind a small protocol and one engine factory (:func:`make_generator`): the protocol,
+the registry, per-row seeds and the built-in HF sampler here, vLLM in :mod:`repo_rl.engines.vllm`.
 
 :class:`HFGenerator` is a KV-cached sampling loop over any Hugging Face causal LM. Each
 row carries its own seed, so a sample depends only on ``(seed, prompt)`` and not on the
@@ -566,7 +566,7 @@ class HFGenerator:
 
 def _vllm_generator(*args: Any, **kwargs: Any) -> Generator:
     """``generation.backend: vllm`` (:class:`repo_rl.engines.vllm.VLLMGenerator`), imported when built."""
-    from .engines.vllm import VLLMGenerator
+    from .vllm import VLLMGenerator
 
     return VLLMGenerator(*args, **kwargs)
 

@@ -15,7 +15,7 @@ from typing import Any, Literal, Union
 import yaml
 
 from . import safe_yaml
-from .errors import ConfigError
+from ..errors import ConfigError
 
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
@@ -31,6 +31,8 @@ def _type_name(tp: Any) -> str:
         return f"a mapping of names to {_type_name(inner)}"
     if tp is type(None):
         return "null"
+    if tp is bool:
+        return "true or false"
     if dataclasses.is_dataclass(tp):
         return "a mapping"
     return getattr(tp, "__name__", str(tp))

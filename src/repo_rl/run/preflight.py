@@ -6,11 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from . import algorithms as alg
-from .config import Config
-from .data import Example
+from .. import algorithms as alg
+from ..config import Config
+from ..data import Example
 from .distributed import Dist
-from .errors import UserError
+from ..errors import UserError
 
 
 def resolve_data(files: str | list[str], cfg: Config, out: Path, dist: Dist) -> list[str]:
@@ -19,7 +19,7 @@ def resolve_data(files: str | list[str], cfg: Config, out: Path, dist: Dist) -> 
     resolved = []
     for s in srcs:
         if s.startswith("toyworld:"):
-            from . import toyworld
+            from .. import toyworld
 
             split = s.split(":", 1)[1]
             tw = cfg.toyworld.world_config()
@@ -160,54 +160,3 @@ def context_limit(cfg: Config, model: Any) -> Optional[int]:
     limits = [x for x in (_context_length(model), cfg.generation.vllm_max_model_len if cfg.generation.backend == "vllm" else None)
               if x is not None]
     return min(limits) if limits else None
-
-
-def check_verify(cfg: Config, examples: list[Example], scorer: Any, say: Optional[Callable[[str], None]] = None) -> None:
-    """``repo.verify`` against the data, before any model loads:
-
-    * ``strict``: the expert solutions' own final ``\\boxed{}`` answers are scored by the strict rule
-      (at most 256 of them). A reference that cannot pass its own verifier means no rephrase can
-      either: none with a box and a template that does not ask for one, or none that passes (a
-      reward that needs the whole text), is an error. Solutions without boxes under a template that
-      asks for one are fine: the rephrase boxes its answer.
-    * ``row``: every row's own regular expressions compile; none at all is a notice (the check then
-      passes everything).
-    """
-    from .rewards.extract import extract_boxed
-    from .verify import check_row_patterns
-
-    say = say or _notice
-    r = cfg.repo
-    sols = [e for e in examples if e.solution is not None]
-    if "strict" in r.verify and sols:
-        boxed = [e for e in sols if extract_boxed(e.solution or "") is not None]
-        asks = "\\boxed" in r.rephrase_template
-        if not boxed:
-            if not asks:
-                raise UserError(
-                    f"repo.verify=strict: none of the {len(sols)} expert solutions has a \\boxed{{}} answer and "
-                    "repo.rephrase_template does not ask for one, so no rephrase could ever verify; ask for the final answer "
-                    "in \\boxed{} in the template, or use repo.verify=[reward]"
-                )
-        else:
-            sample = boxed[:256]
-            texts = ["\\boxed{" + (extract_boxed(e.solution or "") or "") + "}" for e in sample]
-            scores, _ = scorer([e.prompt for e in sample], texts, sample)
-            if not bool((scores >= r.delta).any()):
-                raise UserError(
-                    f"repo.verify=strict: none of {len(sample)} expert solutions passes the strict rule (its last \\boxed{{}} "
-                    f"answer alone, scored by reward.funcs={cfg.reward.funcs}, stays below repo.delta={r.delta}), so no reference "
-                    "answer verifies and no rephrase could; a reward that needs the whole text cannot score a boxed answer "
-                    "alone: use repo.verify=[reward] or check data.fields.answer"
-                )
-    if "row" in r.verify:
-        n = check_row_patterns(examples, r.row_check_column)
-        if n == 0:
-            say(f"repo.verify=row: no training row has a {r.row_check_column!r} column (repo.row_check_column), so the row "
-                "check passes every rephrase")
-
-
-def _notice(msg: str) -> None:
-    import sys
-
-    print(f"repo-rl: {msg}", file=sys.stderr)

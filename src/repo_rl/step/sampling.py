@@ -1,10 +1,10 @@
 """The sampling stages of a step: rollouts, candidates for the gated groups, and the method's
 group composition (gate -> candidates -> verify -> inject).
 
-:class:`StepSampler` generates through the configured engine (:func:`repo_rl.rollout.make_generator`)
+:class:`StepSampler` generates through the configured engine (:func:`repo_rl.engines.make_generator`)
 and scores through :class:`repo_rl.rewards.scorer.RewardScorer`; the group surgery itself is the
 pure :func:`repo_rl.algorithms.inject_candidates`, the rephrase clean-up
-:func:`repo_rl.prompts.clean_rephrase`, both shared with the TRL adapter.
+:func:`repo_rl.step.prompts.clean_rephrase`, both shared with the TRL adapter.
 """
 
 from __future__ import annotations
@@ -14,13 +14,13 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from . import algorithms as alg
-from .config import Config
-from .data import Example
+from .. import algorithms as alg
+from ..config import Config
+from ..data import Example
 from .bank import BankEntry, RephraseBank
 from .prompts import PromptRenderer, clean_rephrase
-from .rollout import SamplingParams, derive_seed
-from .step import Group, Rollouts, Sequence_
+from ..engines import SamplingParams, derive_seed
+from .types import Group, Rollouts, Sequence_
 from .verify import RephraseVerifier
 
 # Seed streams, so rollouts, rephrases and eval samples never share random numbers.

@@ -14,8 +14,8 @@ import ctypes
 import ctypes.util
 import sys
 
+
 M_MMAP_THRESHOLD = -3  # from glibc's malloc.h
-MAX_KB = 32 * 1024  # glibc refuses larger thresholds (HEAP_MAX_SIZE / 2 on 64-bit)
 
 
 def set_mmap_threshold(kb: int) -> bool:

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-from .errors import UserError
+from ..errors import UserError
 
 
 def _clean(v: Any) -> Any:

@@ -22,7 +22,7 @@ from typing import Any, Iterable, Optional
 
 import yaml
 
-from .errors import UserError
+from ..errors import UserError
 
 #: Config keys (or whole sections) whose change makes a resumed run another run.
 IDENTITY_KEYS = (
@@ -117,7 +117,7 @@ def absolute_paths(cfg: Any) -> Any:
 def load_resume_config(out: Path, config_path: Optional[str], overrides: list[str], allow_change: bool):
     """The config of ``repo-rl train -o OUT --resume``: ``OUT/config.yaml``, then ``--config``
     (when given), then the overrides; identity changes refused unless ``allow_change``."""
-    from .config import build_config, load_yaml, merge_config
+    from ..config import build_config, load_yaml, merge_config
 
     saved = saved_config(out)
     if saved is None:

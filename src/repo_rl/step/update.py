@@ -16,11 +16,10 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from . import algorithms as alg
-from .config import Config
-from .distributed import Dist
+from .. import algorithms as alg
+from ..config import Config
 from .logprobs import completion_logits, completion_logprobs, logprobs_from_logits
-from .step import Sequence_
+from .types import Sequence_
 
 
 @dataclass
@@ -41,7 +40,7 @@ class PolicyUpdate:
     def __init__(
         self,
         cfg: Config,
-        dist: Dist,
+        dist: Any,  # repo_rl.run.distributed.Dist
         model: Any,
         core: Any,
         ref_model: Any,

@@ -1,15 +1,21 @@
-"""Range and combination checks of a built :class:`~repo_rl.config.Config`."""
+"""Range and combination checks of a built :class:`~repo_rl.config.Config` (which this module does
+not import: the schema imports the checks, not the other way round)."""
 
 from __future__ import annotations
 
 import difflib
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from .errors import ConfigError
-from .malloc import MAX_KB as MMAP_MAX_KB
+from ..errors import ConfigError
 
-if TYPE_CHECKING:
-    from .config import Config
+
+MMAP_MAX_KB = 32 * 1024
+"""Largest ``train.mmap_threshold_kb``: glibc refuses larger thresholds (HEAP_MAX_SIZE / 2 on 64-bit)."""
+
+ANSWER_CHECKS = ("reward", "strict")
+"""``repo.verify`` checks that score the answer; the list must hold one (the injected row's reward is its score)."""
+BUILTIN_CHECKS = ("reward", "strict", "steps", "judge", "row")
+"""``repo.verify``'s built-in checks (:mod:`repo_rl.step.verify`); anything else is a ``pkg.mod:fn``."""
 
 
 def check(cond: bool, key: str, expected: str, value: Any) -> None:
@@ -31,9 +37,9 @@ def check_template(template: str, key: str) -> None:
         ) from None
 
 
-def validate(cfg: Config) -> None:
+def validate(cfg: Any) -> None:
     """Check ranges and combinations. Raises ConfigError naming the key."""
-    from .algorithms.methods import METHODS  # local import: registry depends on nothing here
+    from ..algorithms.methods import METHODS  # local import: registry depends on nothing here
 
     a, r, t = cfg.algorithm, cfg.repo, cfg.train
     if a.method not in METHODS:
@@ -97,7 +103,7 @@ def validate(cfg: Config) -> None:
     check(cfg.baselines.luffy_gamma > 0, "baselines.luffy_gamma", "a number > 0", cfg.baselines.luffy_gamma)
     if cfg.baselines.sft_steps is not None:
         check(0 <= cfg.baselines.sft_steps <= t.max_steps, "baselines.sft_steps", f"an integer in [0, train.max_steps={t.max_steps}]", cfg.baselines.sft_steps)
-    from .rollout import GENERATORS
+    from ..engines import GENERATORS
 
     g = cfg.generation
     check(g.vllm_kv_cache_gb > 0, "generation.vllm_kv_cache_gb", "a number > 0", g.vllm_kv_cache_gb)
@@ -154,9 +160,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError("data.train_files: expected at least one file")
 
 
-def _check_verify(cfg: Config) -> None:
-    from .verify import ANSWER_CHECKS, BUILTIN_CHECKS
-
+def _check_verify(cfg: Any) -> None:
     r = cfg.repo
     check(bool(r.verify), "repo.verify", "at least one check (reward, strict, steps, judge, row or pkg.mod:fn)", r.verify)
     for spec in r.verify:
@@ -188,7 +192,7 @@ def _check_judge(j: Any, key: str) -> None:
     check(j.max_answer_chars >= 1, f"{key}.max_answer_chars", "an integer >= 1", j.max_answer_chars)
 
 
-def _check_routing_and_judge(cfg: Config) -> None:
+def _check_routing_and_judge(cfg: Any) -> None:
     rw = cfg.reward
     if rw.by_domain is not None:
         check(len(rw.by_domain) >= 1, "reward.by_domain", "a mapping of at least one domain to reward.funcs entries, or null", rw.by_domain)

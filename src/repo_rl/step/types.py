@@ -1,7 +1,7 @@
 """The data of one training step, as the stages hand it on.
 
 rollouts (:class:`Rollouts`) -> rewards -> composition (:class:`Group`) -> advantages ->
-update (:class:`repo_rl.update.UpdateResult`). Each stage returns a new object; none writes
+update (:class:`repo_rl.step.update.UpdateResult`). Each stage returns a new object; none writes
 into another stage's.
 """
 
@@ -12,8 +12,8 @@ from typing import Optional
 
 import torch
 
-from . import algorithms as alg
-from .data import Example
+from .. import algorithms as alg
+from ..data import Example
 
 
 @dataclass
@@ -65,4 +65,4 @@ class Group:
     """Injected rephrase rows (flat position) -> log pi(o_rep | P(q, k)), for ``repo/logp_gap``."""
     batching: str = "separate"
     bank_candidates: list = field(default_factory=list)
-    """Rephrases that passed ``repo.verify`` this step (:class:`repo_rl.bank.BankEntry`), for the bank."""
+    """Rephrases that passed ``repo.verify`` this step (:class:`repo_rl.step.bank.BankEntry`), for the bank."""

@@ -29,7 +29,7 @@ from typing import Any, Iterable, Iterator, Mapping, Optional
 
 import torch
 
-from .errors import UserError
+from ..errors import UserError
 
 _TRUE = ("1", "true", "yes")
 

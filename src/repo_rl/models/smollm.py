@@ -14,7 +14,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Optional
 
-from .errors import UserError
+from ..errors import UserError
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_NAME = "smollm2-135m-instruct"
