@@ -217,3 +217,32 @@ def test_row_check_with_a_bad_pattern_or_no_column_at_start():
         check_verify(build_config({}, ["repo.verify=[reward,row]"]), bad, RewardScorer(["numeric"], None, 5.0), say)
     check_verify(build_config({}, ["repo.verify=[reward,row]"]), [WEMBLE_1], RewardScorer(["numeric"], None, 5.0), say)
     assert len(lines) == 1 and "passes every rephrase" in lines[0]
+
+
+@pytest.mark.parametrize("text,want", [
+    ("1:4 = 3*4 = 12\n\nThe correct answer is \\boxed{12}. I forgot to adjust it in my final solution.",
+     "1:4 = 3*4 = 12\n\nThe correct answer is \\boxed{12}."),
+    ("so $\\boxed{4}$. Rewrite: more text", "so $\\boxed{4}$."),
+    ("\\boxed{7} = 7\n\nThe correct answer is \\boxed{7}. In reality", "\\boxed{7} = 7\n\nThe correct answer is \\boxed{7}."),
+    ("\\boxed{7} then \\boxed{8", "\\boxed{7}"),  # a truncated box is no box: the last complete one ends it
+    ("no box, answer 5. more", "no box, answer 5. more"),
+    ("\\[\\boxed{x^{2}}\\]\nand so on", "\\[\\boxed{x^{2}}\\]"),
+])
+def test_a_rephrase_ends_at_its_last_boxed_answer(text, want):
+    from repo_rl.rewards.extract import end_at_answer
+
+    assert end_at_answer(text) == want
+
+
+def test_clean_rephrase_cuts_after_the_answer_and_appends_eos():
+    from repo_rl.step.prompts import clean_rephrase
+
+    from .conftest import make_tokenizer
+
+    tok = make_tokenizer()
+    raw = tok("so \\boxed{5}. and then more words", add_special_tokens=False)["input_ids"]
+    ids, text, changed, cut = clean_rephrase(raw, tok, [], 200, tok.eos_token_id, answer_ends=True)
+    assert text == "so \\boxed{5}." and changed and not cut
+    assert ids[-1] == tok.eos_token_id and tok.decode(ids[:-1]) == text
+    same, text2, changed2, _ = clean_rephrase(raw, tok, [], 200, tok.eos_token_id)  # off: the text as sampled
+    assert same == raw and not changed2

@@ -205,7 +205,7 @@ class Auditor:
             comps, texts = [], []
             for ids in outs:
                 comp, text, _, _ = clean_rephrase(ids, self.tokenizer, cfg.repo.strip_patterns, cfg.algorithm.max_completion_length,
-                                                  self.stages.eos_token_id)
+                                                  self.stages.eos_token_id, cfg.repo.end_at_answer)
                 comps.append(comp)
                 texts.append(text)
             cand = [e for e in exs for _ in range(A)]

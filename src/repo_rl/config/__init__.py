@@ -208,6 +208,11 @@ class RepoConfig:
         ]
     )
     """Regexes removed from a rephrase before it is verified and injected (meta text, wrapper tags)."""
+    end_at_answer: bool = True
+    """A rephrase ends at its last boxed answer: the text after it is cut (EOS follows) before the
+    rephrase is verified, banked and trained. Without it SmolLM2's rephrases ran on after a right
+    answer into unrelated text, which a verified rephrase then taught under q (docs/REAL_MODEL.md).
+    A rephrase without a box is left as it is."""
     allow_unverified: bool = False
     """Inject rephrases that fail verification (the paper's ablation; teaches wrong answers as right)."""
     temperature: Optional[float] = None

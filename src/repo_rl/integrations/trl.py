@@ -209,6 +209,7 @@ class RepoRolloutFunc:
         return_logprobs: Optional[bool],
         log_prob_gap: bool,
         generation_batch_size: Optional[int],
+        end_at_answer: bool = True,
     ) -> None:
         if not 0.0 <= rho <= 1.0:
             raise ValueError(f"rho must be in [0, 1] (a failure fraction), got {rho}")
@@ -244,6 +245,7 @@ class RepoRolloutFunc:
         self.rephrase_template = rephrase_template
         self.strip_patterns = list(strip_patterns)
         self.allow_unverified = bool(allow_unverified)
+        self.end_at_answer = bool(end_at_answer)
         self.rephrase_temperature, self.rephrase_top_p = rephrase_temperature, rephrase_top_p
         self.max_new_tokens = max_new_tokens
         self.return_logprobs = return_logprobs
@@ -401,7 +403,7 @@ class RepoRolloutFunc:
         """Meta text stripped, re-encoded (plus EOS) when stripping changed it, cut to max_completion_length."""
         tok = self._tokenizer(trainer)
         eos = tok.eos_token_id if tok.eos_token_id is not None else trainer.eos_token_ids[0]
-        return clean_rephrase(raw_ids, tok, self.strip_patterns, trainer.max_completion_length, int(eos))[0]
+        return clean_rephrase(raw_ids, tok, self.strip_patterns, trainer.max_completion_length, int(eos), self.end_at_answer)[0]
 
     @torch.no_grad()
     def _logprobs(self, trainer: Any, prompt_ids: list[list[int]], completion_ids: list[list[int]]) -> list[list[float]]:
@@ -632,6 +634,7 @@ def make_repo_rollout_func(
     return_logprobs: Optional[bool] = None,
     log_prob_gap: bool = _DEFAULTS.log_prob_gap,
     generation_batch_size: Optional[int] = None,
+    end_at_answer: bool = _DEFAULTS.end_at_answer,
 ) -> RepoRolloutFunc:
     """Build a ``rollout_func`` for ``trl.GRPOTrainer`` that applies RePO to each group.
 
@@ -660,6 +663,8 @@ def make_repo_rollout_func(
         log_prob_gap: log ``repo/logp_gap`` = log pi(o_rep | P(q,k)) - log pi(o_rep | q) (two
             forwards over the injected rows).
         generation_batch_size: rows per generation forward (None: all at once).
+        end_at_answer: cut a rephrase after its last boxed answer before it is verified
+            (``repo.end_at_answer``).
 
     Metrics logged beside TRL's: ``repo/gate_rate``, ``repo/rephrase_success_rate``,
     ``repo/replaced`` (per process, averaged over processes), ``repo/logp_gap``.
@@ -683,4 +688,5 @@ def make_repo_rollout_func(
         return_logprobs=return_logprobs,
         log_prob_gap=log_prob_gap,
         generation_batch_size=generation_batch_size,
+        end_at_answer=end_at_answer,
     )

@@ -6,7 +6,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["completion_text", "extract_boxed", "strip_math_delimiters"]
+__all__ = ["completion_text", "end_at_answer", "end_of_last_box", "extract_boxed", "strip_math_delimiters"]
 
 _BOX_RE = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
 _DELIMITERS = (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]"))
@@ -102,6 +102,39 @@ def extract_boxed(text: str) -> str | None:
             break
         start, end = _strip_span(text, arg[0], arg[1])
     return text[start:end]
+
+
+def end_of_last_box(text: str) -> int | None:
+    """Index just past the last complete ``\\boxed{...}`` (or ``\\fbox``) of ``text``, or None without one."""
+    if not isinstance(text, str) or "\\" not in text:
+        return None
+    pairs: dict[int, int] | None = None
+    end = None
+    pos = 0
+    while True:
+        m = _BOX_RE.search(text, pos)
+        if m is None:
+            return end
+        if pairs is None:
+            pairs = _brace_pairs(text)
+        arg = _box_argument(text, m.end(), len(text), pairs)
+        if arg is None:
+            pos = m.end()
+            continue
+        end, pos = arg[2], arg[2]
+
+
+_ANSWER_TAIL = re.compile(r"[ \t]*(?:\$\$|\$|\\\]|\\\))?[ \t]*[.!]?")
+
+
+def end_at_answer(text: str) -> str:
+    """``text`` up to its last complete boxed answer, with the closing ``$``/``\\]`` and full stop
+    that follow it on its line; unchanged without a box."""
+    end = end_of_last_box(text)
+    if end is None:
+        return text
+    tail = _ANSWER_TAIL.match(text, end)
+    return text[: tail.end() if tail else end].rstrip()
 
 
 def strip_math_delimiters(text: str) -> str:

@@ -6,6 +6,7 @@ import re
 from typing import Any, Optional, Sequence
 
 from ..data import Example, Prompt
+from ..rewards.extract import end_at_answer
 
 
 class PromptRenderer:
@@ -92,17 +93,21 @@ def strip_meta(text: str, patterns: Sequence[str]) -> str:
 
 
 def clean_rephrase(
-    raw_ids: Sequence[int], tokenizer: Any, patterns: Sequence[str], max_length: int, eos_token_id: int
+    raw_ids: Sequence[int], tokenizer: Any, patterns: Sequence[str], max_length: int, eos_token_id: int,
+    answer_ends: bool = False,
 ) -> tuple[list[int], str, bool, bool]:
     """A sampled rephrase as it will be verified and trained: meta text stripped
-    (:func:`strip_meta`), re-encoded with EOS when stripping changed it, cut to ``max_length``
-    (a rollout's ``max_completion_length``) and decoded again when cut, so the text verified is
-    exactly the text trained.
+    (:func:`strip_meta`), with ``answer_ends`` (``repo.end_at_answer``) cut after its last boxed
+    answer (:func:`repo_rl.rewards.extract.end_at_answer`), re-encoded with EOS when either changed
+    it, cut to ``max_length`` (a rollout's ``max_completion_length``) and decoded again when cut,
+    so the text verified is exactly the text trained.
 
     Returns ``(ids, text, stripped, cut)``.
     """
     raw = tokenizer.decode(list(raw_ids), skip_special_tokens=True)
     text = strip_meta(raw, patterns)
+    if answer_ends:
+        text = end_at_answer(text)
     stripped = text != raw
     ids = list(tokenizer(text, add_special_tokens=False)["input_ids"]) + [int(eos_token_id)] if stripped else list(raw_ids)
     cut = len(ids) > max_length

@@ -197,7 +197,8 @@ class StepSampler:
         seqs, texts, logp = [], [], []
         for c, ids in enumerate(outs):
             comp, text, stripped, cut = clean_rephrase(ids, self.tokenizer, cfg.repo.strip_patterns,
-                                                       cfg.algorithm.max_completion_length, self.eos_token_id)
+                                                       cfg.algorithm.max_completion_length, self.eos_token_id,
+                                                       cfg.repo.end_at_answer)
             truncated = cut or (not stripped and self.is_truncated(ids, params.max_new_tokens))
             seqs.append(Sequence_([], comp, truncated))
             texts.append(text)
