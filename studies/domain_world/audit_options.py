@@ -33,6 +33,8 @@ OPTIONS: dict[str, list[str]] = {
     "default-bank4": ["repo.fewshot=4"],
     # the bank filled by the strict rule alone (the faithful options fill it with strict + steps)
     "default-bank2-strict": ["repo.fewshot=2", "repo.verify=[strict]"],
+    # rephrases kept whole after their boxed answer (repo.end_at_answer, on in every other option)
+    "default-bank2-noend": ["repo.fewshot=2", "repo.end_at_answer=false"],
 }
 BASE = ["repo.verify=[strict,steps]", "generation.vllm_max_model_len=2048"]
 
