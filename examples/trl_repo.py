@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 TOY_ROWS = [
@@ -38,7 +39,7 @@ def contains_answer(prompts, completions, answer, **kwargs):
 
 def tiny_model(path: Path) -> str:
     """A random 2-layer Qwen2 with the toy world's character tokenizer, saved to ``path``."""
-    from repo_rl.tiny import save_tiny_model_dir
+    from repo_rl.models.tiny import save_tiny_model_dir
     from repo_rl.toyworld.tokenizer import build_tokenizer
 
     tok = build_tokenizer()
@@ -64,6 +65,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    from repo_rl.run.health import quiet_deepspeed_probe
+
+    quiet_deepspeed_probe()  # no "could not find a GPU" warning from DeepSpeed on a CPU machine
+    # TRL 1.16 reads model.is_gradient_checkpointing at every step, a name transformers 5.24 deprecates.
+    warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
     import datasets
     from trl import GRPOConfig, GRPOTrainer
 
@@ -95,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         report_to=[],
         save_strategy="no",
         use_cpu=args.model is None,
+        activation_checkpointing=False,  # the example's models are small (TRL turns it on by default)
     )
     rollout = make_repo_rollout_func(train, delta=args.delta, rho=args.rho, num_attempts=args.num_attempts)
     trainer = GRPOTrainer(model=model, reward_funcs=[reward], args=config, train_dataset=train, rollout_func=rollout)

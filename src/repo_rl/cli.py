@@ -61,14 +61,6 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"repo-rl: error: {message} (see {self.prog} --help)\n")
 
 
-def _quiet_deepspeed_probe() -> None:
-    """On a Linux machine with no GPU device, tell DeepSpeed (imported by accelerate when installed)
-    that it runs on the CPU, so it does not warn at every run that it could not find one."""
-    gpu_nodes = ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd", "/dev/dri/renderD128")
-    if sys.platform.startswith("linux") and not any(os.path.exists(p) for p in gpu_nodes):
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-
-
 def _is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
@@ -372,7 +364,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     # OpenMP threads that spin while waiting steal a shared core from other work; set before torch loads.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    _quiet_deepspeed_probe()
+    from .run.health import quiet_deepspeed_probe
+
+    quiet_deepspeed_probe()
     from .run.directory import StopRequested
 
     argv = list(sys.argv[1:] if argv is None else argv)

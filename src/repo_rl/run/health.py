@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -84,3 +85,12 @@ def resolve_bf16(setting: Any, device: Any) -> tuple[bool, str]:
     if not flags:
         return False, "train.bf16=auto: the CPU's features are unknown here, so fp32 (set train.bf16=true to try bf16)"
     return False, "train.bf16=auto: this CPU has neither avx512_bf16 nor AMX, and emulated bf16 is much slower than fp32"
+
+
+def quiet_deepspeed_probe() -> None:
+    """On a Linux machine with no GPU device, tell DeepSpeed (imported by accelerate when installed)
+    that it runs on the CPU, so it does not warn at every run that it could not find one. Call it
+    before accelerate or transformers import DeepSpeed."""
+    gpu_nodes = ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd", "/dev/dri/renderD128")
+    if sys.platform.startswith("linux") and not any(os.path.exists(p) for p in gpu_nodes):
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
