@@ -267,3 +267,19 @@ def test_a_json_line_missing_its_closing_brace_is_reported_where_it_ends(tmp_pat
     with pytest.raises(DataError, match="column 29") as ei:
         load_examples(str(path), FieldsConfig())
     assert "closing brace" not in str(ei.value)  # an error inside the line gets no end-of-line hint
+
+
+def test_the_trl_example_runs_quietly(tmp_path):
+    """examples/trl_repo.py, as the docs run it: it finishes and prints no warning (the deprecated
+    gradient-checkpointing names and DeepSpeed's GPU probe used to add four or five)."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
+    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=f"{root / 'src'}:{root}")
+    p = subprocess.run([sys.executable, str(root / "examples" / "trl_repo.py"), "--max-steps", "1", "--output-dir", str(tmp_path)],
+                       capture_output=True, text=True, timeout=600, env=env)
+    assert p.returncode == 0, p.stderr[-800:]
+    assert "totals:" in p.stdout
+    assert "Warning" not in p.stderr and "WARNING" not in p.stderr, p.stderr[-800:]
