@@ -265,6 +265,41 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from .config import load_config
+    from .errors import UserError
+    from .run.distributed import DeepSpeedSettings, FsdpSettings
+    from .run.plan import Launch, device_memory_gb, estimate, format_plan, model_shape, prompt_length, refusal
+
+    cfg_path = args.config or (None if _own_data(args.overrides) else default_config_path())
+    cfg = load_config(cfg_path, args.overrides)
+    sharding = args.sharding
+    if sharding is None:  # the accelerate launch's settings, read from its environment
+        fsdp, ds = FsdpSettings.from_env(os.environ), DeepSpeedSettings.from_env(os.environ)
+        sharding = "fsdp" if fsdp is not None else (f"zero{ds.stage}" if ds is not None else "ddp")
+    processes = args.processes or int(os.environ.get("WORLD_SIZE", "1"))
+    if processes < 1:
+        return _fail(f"--processes {processes}: expected an integer >= 1")
+    if cfg.train.prompts_per_step % processes:
+        return _fail(f"train.prompts_per_step={cfg.train.prompts_per_step}: expected a multiple of --processes {processes}")
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    available = args.device_memory_gb if args.device_memory_gb else device_memory_gb(device)
+    if args.device_memory_gb is not None and args.device_memory_gb <= 0:
+        return _fail(f"--device-memory-gb {args.device_memory_gb}: expected a number > 0")
+    launch = Launch(processes, sharding, device, available)
+    with tempfile.TemporaryDirectory() as tmp:
+        est = estimate(cfg, model_shape(cfg), launch, prompt_length(cfg, Path(tmp)))
+    print(format_plan(cfg, est, launch, available))
+    why = refusal(est, available) if available else None
+    if why:
+        raise UserError(why)
+    return 0
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from .report import write_report
 
@@ -336,6 +371,22 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default runs/audit-<config>-<time>)")
     a.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
     a.set_defaults(func=_cmd_audit)
+
+    pl = sub.add_parser(
+        "plan", intermixed=True,
+        help="memory and tokens per rank for a config and a launch, before the run; refuses what cannot fit",
+        description="Estimate parameters, gradients, optimizer state, activations, logits, the engine's KV cache and "
+        "the tokens of a step per rank, from the config and the model's config.json (no weights are loaded).",
+    )
+    pl.add_argument("--config", "-c", help="YAML config file (default: the embedded toy world)")
+    pl.add_argument("--processes", type=int, default=None, help="processes (ranks); default: the launch's WORLD_SIZE, else 1")
+    pl.add_argument("--sharding", choices=["ddp", "fsdp", "zero2", "zero3"], default=None,
+                    help="how the ranks share the training state (default: the accelerate launch's, else ddp)")
+    pl.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when one is visible, else cpu")
+    pl.add_argument("--device-memory-gb", type=float, default=None,
+                    help="memory of one device (default: the visible GPU's, or this machine's RAM)")
+    pl.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    pl.set_defaults(func=_cmd_plan)
 
     cp = sub.add_parser(
         "compare", intermixed=True,
