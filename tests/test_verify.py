@@ -45,7 +45,7 @@ CASES = [
     # the bare answer without the fact: right number, boxed, but no working at all
     (WEMBLE_3, "The answer is \\boxed{18}.", True, True, False),
     # incoherent text whose last number happens to be right (verified for 9 by the lax reward)
-    (GROST_1, "1:9 = 9*9 = 81. So there is a Tribblonmax of 1:9.", True, False, True),
+    (GROST_1, "1:9 = 9*9 = 81. So there is a Tribblonmax of 1:9.", True, False, False),  # 81 comes from nowhere
     (CAR, "be it is possible to meet 6 people all in one car", True, False, True),
     # the math-reward case: gibberish whose last number is the answer
     (ADD, "k99999999999999999=9;9+9=k99999,", False, False, False),
@@ -122,6 +122,26 @@ def test_score_is_the_strict_reward_when_strict_is_configured():
     assert lax.score.tolist() == [1.0, 1.0] and lax.passed.tolist() == [True, True]
 
 
+PLIM_1 = Example("In Quorvia, how many tazzes are in 1 plim?", "8", "plim:tazz = 1:8 => 1*8 = 8. \\boxed{8}", id="p1")
+VORN_3 = Example("In Quorvia, how many skells are in 3 vorns?", "24", "vorn:skell = 1:8 => 3*8 = 24. \\boxed{24}", id="v3")
+
+
+@pytest.mark.parametrize("example,text,ok", [
+    # what SmolLM2 wrote once the bank held a garbled example: the fact, then numbers from nowhere
+    (PLIM_1, "Plim:tazz = 1:8\n88 = 1:7\n\nSolved: 1:7 = 2:4. \\boxed{8}", False),
+    (PLIM_1, "1:8 = 2*8 = 12. \\boxed{8}", False),
+    (VORN_3, "Think of this: 3 vorns equals 3*8 = 24. \\boxed{24}", True),
+    (VORN_3, "vorn:skell = 1:8, so 3 vorns are 3 x 8 = 24 skells. \\boxed{24}", True),
+])
+def test_steps_refuses_numbers_from_nowhere(example, text, ok):
+    from repo_rl.step.verify import steps_precision
+
+    v = make_verifier(["strict", "steps"])([example], [text])
+    assert bool(v.checks["steps"][0]) == ok
+    assert (steps_precision(text, example.solution, example.question_text) == 1.0) == ok
+    assert bool(make_verifier(["strict", "steps"], steps_precision=0.3)([example], [text]).checks["steps"][0])  # lowered: all pass
+
+
 def test_steps_min_lowers_the_bar():
     text = "3 wembles: \\boxed{18}"  # shows 3 of the reference's {6, 3, 18}; 18 only in the box
     assert not bool(make_verifier(["strict", "steps"])([WEMBLE_3], [text]).passed[0])
@@ -178,6 +198,7 @@ def test_faithfulness_judge_that_is_down_is_one_line_at_start():
     (["repo.verify=[strict,strict]"], "each check once"),
     (["repo.verify=[strict,judge]"], "repo.judge.model"),
     (["repo.steps_min=0"], "repo.steps_min"),
+    (["repo.steps_precision=1.5"], "repo.steps_precision"),
     (["repo.fewshot=3", "repo.bank_size=2"], "repo.bank_size"),
     (["repo.uptake_after=-1"], "repo.uptake_after"),
 ])

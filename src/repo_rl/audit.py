@@ -184,7 +184,7 @@ class Auditor:
         """Rephrase, verify and label ``rows`` (dataset indices), ``batch`` rows per call."""
         from .step.bank import BankEntry
         from .step.types import Sequence_
-        from .step.verify import copy_share, steps_share
+        from .step.verify import copy_share, steps_precision, steps_share
 
         cfg = self.cfg
         A = cfg.repo.num_attempts
@@ -221,7 +221,9 @@ class Auditor:
                     "id": e.id, "question": e.question_text, "answer": e.answer, "solution": e.solution, "text": text,
                     "reward": None if math.isnan(float(verdicts.reward[j])) else float(verdicts.reward[j]),
                     "checks": {k: bool(v[j]) for k, v in verdicts.checks.items()}, "via": verdicts.via(j), "passed": ok,
-                    "steps_share": steps_share(text, e.solution or ""), "copy_share": copy_share(text, e.solution or ""),
+                    "steps_share": steps_share(text, e.solution or ""),
+                    "steps_precision": steps_precision(text, e.solution or "", e.question_text),
+                    "copy_share": copy_share(text, e.solution or ""),
                     "logp_p": float(lp_p[j].mean()) if len(comp) else float("nan"),
                     "logp_q": float(lp_q[j].mean()) if len(comp) else float("nan"),
                     "tokens": len(comp), "shots": min(cfg.repo.fewshot, shots_before), "batch": b // batch,

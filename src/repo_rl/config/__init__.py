@@ -235,6 +235,10 @@ class RepoConfig:
     steps_min: float = 1.0
     """``steps`` check: the share of the expert solution's working numbers (0 and 1 aside) a rephrase
     must show. Lower it for long expert traces."""
+    steps_precision: float = 1.0
+    """``steps`` check: the share of the numbers in a rephrase's working that must come from the question
+    or the expert solution (a rephrase that invents numbers fails). Lower it where a faithful solution
+    may add intermediate results the reference skips."""
     row_check_column: str = "verify"
     """``row`` check: the data column holding a row's own check, a regular expression or a list of them,
     each of which must match the rephrase."""

@@ -172,6 +172,7 @@ def _check_verify(cfg: Any) -> None:
     check(any(c in ANSWER_CHECKS for c in r.verify), "repo.verify",
           "reward or strict among the checks (the injected rephrase's reward is that check's score)", r.verify)
     check(0 < r.steps_min <= 1, "repo.steps_min", "a number in (0, 1]", r.steps_min)
+    check(0 <= r.steps_precision <= 1, "repo.steps_precision", "a number in [0, 1]", r.steps_precision)
     check(r.fewshot >= 0, "repo.fewshot", "an integer >= 0 (0: off)", r.fewshot)
     check(r.bank_size >= r.fewshot, "repo.bank_size", f"an integer >= repo.fewshot ({r.fewshot})", r.bank_size)
     check(r.uptake_after >= 0, "repo.uptake_after", "an integer >= 0 (0: off)", r.uptake_after)

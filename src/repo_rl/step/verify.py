@@ -21,9 +21,10 @@ Faithfulness checks:
 
 ``steps``
     The numbers of the expert solution's working (its text before its last ``\\boxed``), other
-    than 0 and 1, appear in the rephrase's working: at least ``repo.steps_min`` of them. A
-    rephrase that boxes the copied answer without the reference's steps fails. Needs no domain
-    code; a reference without such numbers passes everything.
+    than 0 and 1, appear in the rephrase's working: at least ``repo.steps_min`` of them; and of
+    the numbers in the rephrase's working at least ``repo.steps_precision`` come from the question
+    or the solution. A rephrase that boxes the copied answer without the reference's steps fails,
+    and so does one that surrounds them with numbers from nowhere. Needs no domain code.
 ``judge``
     An LLM behind an OpenAI-compatible server (``repo.judge``, the same settings as
     ``reward.judge``) is asked whether the rephrase reaches the reference answer through the
@@ -91,6 +92,17 @@ def steps_share(text: str, solution: str) -> float:
     if not ref:
         return 1.0
     return len(ref & numbers_in(working(text))) / len(ref)
+
+
+def steps_precision(text: str, solution: str, question: str) -> float:
+    """Share of the numbers in the working of ``text`` that come from the question or the expert
+    solution (0 and 1 always count); 1.0 when the working has no number. A rephrase that writes
+    numbers from nowhere (``1:8 = 2*8 = 12``) scores below 1."""
+    have = numbers_in(working(text))
+    if not have:
+        return 1.0
+    allowed = numbers_in(solution) | numbers_in(question) | {0.0, 1.0}
+    return len(have & allowed) / len(have)
 
 
 def boxed_only(text: str) -> Optional[str]:
@@ -184,6 +196,7 @@ class RephraseVerifier:
         self.checks = list(r.verify)
         self.delta = float(r.delta)
         self.steps_min = float(r.steps_min)
+        self.steps_precision = float(r.steps_precision)
         self.row_column = r.row_check_column
         self.scorer = scorer
         self.judge = None
@@ -249,6 +262,7 @@ class RephraseVerifier:
             "reward": reward >= self.delta,  # NaN compares False
             "strict": strict >= self.delta,
             "steps": torch.tensor([e.solution is not None and steps_share(t, e.solution) >= self.steps_min
+                                   and steps_precision(t, e.solution, e.question_text) >= self.steps_precision
                                    for e, t in zip(examples, texts)], dtype=torch.bool),
         }
         if "judge" in self.checks and self.judge is not None:
@@ -344,6 +358,7 @@ __all__ = [
     "numbers_in",
     "reference_steps",
     "row_patterns",
+    "steps_precision",
     "steps_share",
     "working",
 ]
