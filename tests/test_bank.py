@@ -130,3 +130,31 @@ def test_metrics_of_verification_and_the_injected_rows(tmp_path, tiny_model_dir,
     inj = [r["repo/injected_logp_q"] for r in rows if r["repo/replaced"] > 0]
     assert all(v < 0 for v in inj)
     assert t.bank.size == (3 if fewshot else 0)
+
+
+def test_warmup_rows_are_seeded_and_go_round():
+    from repo_rl.step.bank import warmup_rows
+
+    assert warmup_rows([3, 5, 7], 7, seed=1) == warmup_rows([3, 5, 7], 7, seed=1)
+    rows = warmup_rows([3, 5, 7], 7, seed=1)
+    assert len(rows) == 7 and rows[:3] == rows[3:6] and sorted(rows[:3]) == [3, 5, 7]
+    assert warmup_rows([], 5, 0) == [] and warmup_rows([1, 2], 0, 0) == []
+
+
+def test_the_bank_is_seeded_before_the_first_step_and_not_again_on_resume(tmp_path, tiny_model_dir, tiny_data, capsys):
+    over = tiny_overrides(tiny_model_dir, tiny_data, **{  # a reward every text passes: the warm-up's rephrases all verify
+        "repo.verify": "[reward]", "repo.fewshot": 2, "repo.bank_size": 8, "repo.bank_warmup": 16, "train.max_steps": 1,
+        "train.save_every": 1, "repo.rephrase_batching": "separate", "reward.funcs": "[tests.helpers.rewards:always_one]"})
+    t = Trainer(load_config(None, over), tmp_path / "w", progress=False)
+    t._warm_bank()
+    assert len(t.bank) == 5 and all(e.step == -1 for e in t.bank.entries)  # one per row with a solution (5 of 6)
+    assert "repo.bank_warmup: 16 zero-shot rephrases verified" in capsys.readouterr().err
+    again = Trainer(load_config(None, over), tmp_path / "w2", progress=False)
+    again._warm_bank()
+    assert again.bank.state_dict() == t.bank.state_dict()  # the same rows and seeds: the same bank
+    t.train()
+    capsys.readouterr()
+    resumed = Trainer(load_config(tmp_path / "w" / "config.yaml", ["train.max_steps=2"]), tmp_path / "w", resume=True, progress=False)
+    kept = resumed.bank.state_dict()
+    resumed._warm_bank()
+    assert resumed.bank.state_dict() == kept and "repo.bank_warmup" not in capsys.readouterr().err  # not again after step 1

@@ -19,7 +19,7 @@ def test_readme_has_exactly_two_setup_commands_and_ci_runs_the_test_one():
     assert len(blocks) == 2, blocks
     main_cmd, test_cmd = blocks
     assert main_cmd.endswith("repo-rl train")
-    assert test_cmd.endswith("python -m pytest -q")
+    assert test_cmd.endswith("python -m pytest")  # no -q: a line per test file shows how far it is
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     assert test_cmd in ci
     # Both pin torch in the same pip command, so a CPU machine never pulls a CUDA build.

@@ -175,6 +175,20 @@ class Auditor:
             if callable(close):
                 close()
 
+    def warm_bank(self) -> int:
+        """``repo.bank_warmup`` as training does it (the same rows and seeds): the bank's first entries."""
+        from .engines import derive_seed
+        from .step.bank import warmup_rows
+        from .step.sampling import STREAM_WARMUP
+
+        cfg = self.cfg
+        if not cfg.repo.fewshot or not cfg.repo.bank_warmup:
+            return 0
+        chosen = warmup_rows(list(self.with_solution), cfg.repo.bank_warmup, derive_seed(cfg.train.seed, STREAM_WARMUP))
+        for entry in self.stages.bank_warmup([self.examples[i] for i in chosen], chosen):
+            self.bank.add(entry)
+        return len(self.bank)
+
     def pick_rows(self, n: int) -> list[int]:
         order = list(self.with_solution)
         random.Random(self.cfg.train.seed).shuffle(order)
@@ -252,11 +266,16 @@ def run_audit(cfg: Any, out: Path, n: int, samples: int, batch: int, progress: b
               + (f", {total - with_sol} without (never rephrased)" if total > with_sol else ""), file=sys.stderr)
         if not with_sol:
             return None
+        warm = aud.warm_bank()
+        if cfg.repo.fewshot and cfg.repo.bank_warmup:
+            print(f"audit-rephrases: repo.bank_warmup: {cfg.repo.bank_warmup} zero-shot rephrases, {warm} in the bank",
+                  file=sys.stderr)
         rows = aud.pick_rows(n)
         records = aud.audit(rows, batch, progress)
     finally:
         aud.close()
     s = summarize(records, list(cfg.repo.verify), cfg.repo.fewshot)
+    s["bank_after_warmup"] = warm
     s.update({"wall_s": time.perf_counter() - t0, "date": time.strftime("%Y-%m-%d"), "samples_per_row": samples,
               "config": {"rephrase_template": cfg.repo.rephrase_template, "fewshot": cfg.repo.fewshot,
                          "rephrase_chat": cfg.repo.rephrase_chat, "model": cfg.model.name_or_path,

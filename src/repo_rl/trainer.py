@@ -33,7 +33,7 @@ from .evaluation import pass_at_k
 from .step.logprobs import check_chunkable
 from .run.malloc import set_mmap_threshold
 from .models.loading import apply_lora, eos_token_ids, load_model_and_tokenizer
-from .step.bank import RephraseBank
+from .step.bank import RephraseBank, warmup_rows
 from .run.preflight import check_prompt_lengths, check_rephrase_lengths, check_solutions, context_limit, resolve_data
 from .step.prompts import PromptRenderer
 from .rewards.scorer import RewardScorer
@@ -41,7 +41,7 @@ from .engines import BATCHING_TRIALS, SamplingParams, derive_seed, make_generato
 from .run.health import default_threads, exploded, good_checkpoint_hint, resolve_bf16, weight_norm, weights_finite
 from .run.directory import RunLock, StopRequested, StopSignals, absolute_paths, data_fingerprint
 from .run.state import RunState, apply_hyperparameters, find_resume_checkpoint, load_run, load_weights, save_run
-from .step.sampling import STREAM_EVAL, STREAM_REPHRASE, STREAM_ROLLOUT, STREAM_STEP, StepSampler  # noqa: F401
+from .step.sampling import STREAM_EVAL, STREAM_REPHRASE, STREAM_ROLLOUT, STREAM_STEP, STREAM_WARMUP, StepSampler  # noqa: F401
 from .step.types import Group, Sequence_
 from .step.metrics import (
     completion_records,
@@ -372,6 +372,27 @@ class Trainer:
             raise TrainingError(stop)
         return m
 
+    def _warm_bank(self) -> None:
+        """``repo.bank_warmup``: before the first step of a run with ``repo.fewshot``, one zero-shot
+        rephrase of each of that many training rows (seeded order), verified; those that pass seed
+        the bank. Every rank samples its share and all keep the same bank."""
+        cfg, d = self.cfg, self.dist
+        phases = [alg.METHODS[p] for p in self.method.phases] if self.method.phases else [self.method]
+        if self.step or not cfg.repo.fewshot or not cfg.repo.bank_warmup or len(self.bank) or not any(p.rephrases for p in phases):
+            return
+        pool = [i for i, e in enumerate(self.train_examples) if e.solution is not None]
+        chosen = warmup_rows(pool, cfg.repo.bank_warmup, derive_seed(cfg.train.seed, STREAM_WARMUP))
+        mine = chosen[d.rank::d.world]
+        t0 = time.perf_counter()
+        entries = self.stages.bank_warmup([self.train_examples[i] for i in mine], mine)
+        for shard in d.gather(entries):
+            for entry in shard:
+                self.bank.add(entry)
+        self.run.bank = self.bank.state_dict()
+        if d.is_main:
+            self._say(f"repo.bank_warmup: {len(chosen)} zero-shot rephrases verified, {len(self.bank)} put in the bank "
+                      f"({time.perf_counter() - t0:.0f} s)")
+
     def _uptake(self) -> dict[str, float]:
         """``repo.uptake_after``: the injected rephrases due for a second look, re-scored under q with the
         current weights; their mean log-prob per token at injection (``repo/uptake_logp_then``), now
@@ -504,6 +525,7 @@ class Trainer:
         last: dict[str, Any] = {}
         signals = StopSignals(self._say if self.dist.is_main else None)
         last_saved = self.step
+        self._warm_bank()
         try:
             with signals:
                 while self.step < t.max_steps:

@@ -175,6 +175,7 @@ def _check_verify(cfg: Any) -> None:
     check(0 <= r.steps_precision <= 1, "repo.steps_precision", "a number in [0, 1]", r.steps_precision)
     check(r.fewshot >= 0, "repo.fewshot", "an integer >= 0 (0: off)", r.fewshot)
     check(r.bank_size >= r.fewshot, "repo.bank_size", f"an integer >= repo.fewshot ({r.fewshot})", r.bank_size)
+    check(r.bank_warmup >= 0, "repo.bank_warmup", "an integer >= 0 (0: no warm-up)", r.bank_warmup)
     check(r.uptake_after >= 0, "repo.uptake_after", "an integer >= 0 (0: off)", r.uptake_after)
     check(bool(r.row_check_column.strip()), "repo.row_check_column", "a column name", r.row_check_column)
     if "judge" in r.verify:

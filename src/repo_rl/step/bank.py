@@ -72,4 +72,12 @@ class RephraseBank:
             self.add(BankEntry(str(e["prompt_id"]), str(e["question"]), str(e["solution"]), str(e["text"]), int(e["step"])))
 
 
-__all__ = ["BankEntry", "RephraseBank"]
+def warmup_rows(pool: list[int], count: int, seed: int) -> list[int]:
+    """The rows ``repo.bank_warmup`` rephrases: ``count`` of ``pool`` (rows with a solution) in a
+    seeded order, going round again when the pool is smaller."""
+    order = list(pool)
+    random.Random(seed).shuffle(order)
+    return (order * (count // len(order) + 1))[:count] if order and count > 0 else []
+
+
+__all__ = ["BankEntry", "RephraseBank", "warmup_rows"]

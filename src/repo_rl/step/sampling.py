@@ -24,7 +24,7 @@ from .types import Group, Rollouts, Sequence_
 from .verify import RephraseVerifier
 
 # Seed streams, so rollouts, rephrases and eval samples never share random numbers.
-STREAM_ROLLOUT, STREAM_REPHRASE, STREAM_EVAL, STREAM_STEP, STREAM_BANK = 1, 2, 3, 4, 5
+STREAM_ROLLOUT, STREAM_REPHRASE, STREAM_EVAL, STREAM_STEP, STREAM_BANK, STREAM_WARMUP = 1, 2, 3, 4, 5, 6
 
 
 class StepSampler:
@@ -117,6 +117,23 @@ class StepSampler:
                 rows.append(ids)
                 seeds.append(derive_seed(cfg.train.seed, STREAM_REPHRASE, step, dataset_index[n], occurrence, a))
         return rows, seeds
+
+    def bank_warmup(self, examples: list[Example], dataset_index: list[int]) -> list[BankEntry]:
+        """One zero-shot rephrase of each row (``repo.bank_warmup``), cleaned and verified like a
+        step's; those that pass, for the bank (seeded by the row, so every rank and a rerun agree)."""
+        cfg = self.cfg
+        if not examples:
+            return []
+        rows = [self.renderer.rephrase_ids(e, cfg.repo.rephrase_template, (), cfg.repo.rephrase_chat == "auto") for e in examples]
+        seeds = [derive_seed(cfg.train.seed, STREAM_WARMUP, di, n) for n, di in enumerate(dataset_index)]
+        outs, _ = self.sample(rows, self.rephrase_params(), seeds, False)
+        texts = [clean_rephrase(ids, self.tokenizer, cfg.repo.strip_patterns, cfg.algorithm.max_completion_length,
+                                self.eos_token_id, cfg.repo.end_at_answer)[1] for ids in outs]
+        if self.verifier is not None:
+            passed = self.verifier(examples, texts).passed.tolist()
+        else:
+            passed = (self.scorer([e.prompt for e in examples], texts, examples)[0] >= cfg.repo.delta).tolist()
+        return [BankEntry(e.id, e.question_text, e.solution or "", t, -1) for e, t, ok in zip(examples, texts, passed) if ok]
 
     # ------------------------------------------------------------------ rollouts
     def rollouts(self, examples: list[Example], dataset_index: list[int], method: alg.Method, step: int, batching: str) -> Rollouts:
