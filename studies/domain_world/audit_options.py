@@ -39,6 +39,32 @@ OPTIONS: dict[str, list[str]] = {
 BASE = ["repo.verify=[strict,steps]", "generation.vllm_max_model_len=2048"]
 
 
+def rescore(cfg, out: Path) -> None:
+    """Verify an option's saved rephrases again with the current ``repo.verify`` checks and rewrite
+    its summary (what sampling produced is unchanged; the bank's contents, which the checks
+    chose, are not replayed)."""
+    from repo_rl.audit import summarize, table
+    from repo_rl.data import Example
+    from repo_rl.rewards.scorer import RewardScorer
+    from repo_rl.step.verify import RephraseVerifier, steps_precision, steps_share
+
+    recs = [json.loads(x) for x in (out / "rephrases.jsonl").read_text().splitlines() if x.strip()]
+    exs = [Example(r["question"], r["answer"], r["solution"], id=r["id"]) for r in recs]
+    v = RephraseVerifier(cfg, RewardScorer(cfg.reward.funcs, cfg.reward.weights, cfg.reward.timeout))(exs, [r["text"] for r in recs])
+    for j, r in enumerate(recs):
+        r["checks"] = {k: bool(t[j]) for k, t in v.checks.items()}
+        r["passed"], r["via"] = bool(v.passed[j]), v.via(j)
+        r["steps_share"] = steps_share(r["text"], r["solution"])
+        r["steps_precision"] = steps_precision(r["text"], r["solution"], r["question"])
+    old = json.loads((out / "audit.json").read_text())
+    s = summarize(recs, list(cfg.repo.verify), cfg.repo.fewshot)
+    s.update({k: old[k] for k in ("wall_s", "date", "samples_per_row", "config", "bank_after_warmup") if k in old})
+    s["rescored"] = True
+    (out / "rephrases.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs), encoding="utf-8")
+    (out / "audit.json").write_text(json.dumps(s, indent=1), encoding="utf-8")
+    (out / "audit.md").write_text(table(s), encoding="utf-8")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", type=Path, default=HERE / "pilot.yaml")
@@ -47,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--samples", type=int, default=4)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--only", default=None, help="comma-separated option names (default: all)")
+    ap.add_argument("--rescore", action="store_true",
+                    help="no sampling: verify every finished option's saved rephrases again with the current checks "
+                         "(rephrases.jsonl), and rewrite its audit.json")
     ap.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides for every option")
     args = ap.parse_intermixed_args(argv)
     names = list(OPTIONS) if not args.only else [x.strip() for x in args.only.split(",") if x.strip()]
@@ -57,6 +86,11 @@ def main(argv: list[str] | None = None) -> int:
     from repo_rl.audit import run_audit
     from repo_rl.config import load_config
 
+    if args.rescore:
+        for name in names:
+            if (args.output_dir / name / "rephrases.jsonl").is_file():
+                rescore(load_config(args.config, [*BASE, *OPTIONS[name], *args.overrides]), args.output_dir / name)
+        names = []
     for name in names:
         out = args.output_dir / name
         if (out / "audit.json").is_file():
