@@ -251,7 +251,7 @@ class RepoConfig:
     The bank starts empty and the policy fills it; 0: off."""
     bank_size: int = 64
     """Most rephrases the bank keeps (one per training prompt; the oldest leaves first). Saved in checkpoints."""
-    bank_warmup: int = 64
+    bank_warmup: int = 128
     """With ``repo.fewshot``: zero-shot rephrases of this many training rows sampled and verified before
     the first step, to seed the bank (a strict verifier may pass none of the first steps' few attempts,
     and an empty bank shows no examples). 0: the bank fills during training only."""
