@@ -267,3 +267,13 @@ def test_clean_rephrase_cuts_after_the_answer_and_appends_eos():
     assert ids[-1] == tok.eos_token_id and tok.decode(ids[:-1]) == text
     same, text2, changed2, _ = clean_rephrase(raw, tok, [], 200, tok.eos_token_id)  # off: the text as sampled
     assert same == raw and not changed2
+
+
+def test_a_bank_behind_an_answer_check_alone_is_a_notice():
+    lines, say = _said()
+    scorer = RewardScorer(["numeric"], None, 5.0)
+    check_verify(build_config({}, ["repo.fewshot=2"]), [WEMBLE_1, WEMBLE_3], scorer, say)
+    assert len(lines) == 1 and "repo.fewshot=2 with repo.verify=['strict']" in lines[0] and "steps or judge" in lines[0]
+    lines.clear()
+    check_verify(build_config({}, ["repo.fewshot=2", "repo.verify=[strict,steps]"]), [WEMBLE_1, WEMBLE_3], scorer, say)
+    assert lines == []

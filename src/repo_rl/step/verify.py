@@ -305,6 +305,7 @@ def check_verify(cfg: Any, examples: list[Example], scorer: Any, say: Optional[C
       asks for one are fine: the rephrase boxes its answer.
     * ``row``: every row's own regular expressions compile; none at all is a notice (the check then
       passes everything).
+    * ``repo.fewshot`` with only answer checks is a notice: the bank spreads whatever passes.
     """
 
     say = say or _notice
@@ -331,6 +332,10 @@ def check_verify(cfg: Any, examples: list[Example], scorer: Any, say: Optional[C
                     "answer verifies and no rephrase could; a reward that needs the whole text cannot score a boxed answer "
                     "alone: use repo.verify=[reward] or check data.fields.answer"
                 )
+    if r.fewshot and not any(c not in ("reward", "strict") for c in r.verify):
+        say(f"repo.fewshot={r.fewshot} with repo.verify={list(r.verify)}: the bank shows the policy whatever passes, and an "
+            "answer check alone passes a bare boxed answer, which the bank then spreads (docs/REAL_MODEL.md: 75% passed "
+            "strict, 9% carried the fact); add a faithfulness check such as steps or judge")
     if "row" in r.verify:
         n = check_row_patterns(examples, r.row_check_column)
         if n == 0:
