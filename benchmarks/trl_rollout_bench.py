@@ -129,8 +129,8 @@ def main(argv: list[str] | None = None) -> int:
 
     setups = [
         make_trl("trl", ds, None),
-        make_trl("trl+repo (no solutions)", ds_nosol, make_repo_rollout_func(ds_nosol)),
-        make_trl("trl+repo", ds, make_repo_rollout_func(ds)),
+        make_trl("trl+repo (no solutions)", ds_nosol, make_repo_rollout_func(ds_nosol, verify=("reward",))),
+        make_trl("trl+repo", ds, make_repo_rollout_func(ds, verify=("reward",))),  # the tiny model boxes nothing
     ]
     ours = None
     if not args.no_ours:

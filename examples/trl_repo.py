@@ -103,7 +103,10 @@ def main(argv: list[str] | None = None) -> int:
         use_cpu=args.model is None,
         activation_checkpointing=False,  # the example's models are small (TRL turns it on by default)
     )
-    rollout = make_repo_rollout_func(train, delta=args.delta, rho=args.rho, num_attempts=args.num_attempts)
+    # verify=("strict",), the default, takes only a final \boxed{} answer; the tiny random model of the
+    # default run boxes nothing, so it is verified by the reward on the whole text.
+    verify = ("reward",) if args.model is None else ("strict",)
+    rollout = make_repo_rollout_func(train, delta=args.delta, rho=args.rho, num_attempts=args.num_attempts, verify=verify)
     trainer = GRPOTrainer(model=model, reward_funcs=[reward], args=config, train_dataset=train, rollout_func=rollout)
     trainer.train()
     # -------------------------------------------------------------------------------------

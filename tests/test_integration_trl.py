@@ -130,7 +130,7 @@ def _recording(rollout):
 @pytest.fixture(scope="module")
 def trl_run(tiny_model_dir, tmp_path_factory):
     ds = _dataset()
-    rollout = make_repo_rollout_func(ds, num_attempts=8)
+    rollout = make_repo_rollout_func(ds, num_attempts=8, verify=("reward",))  # the tiny model boxes nothing
     wrapped, calls = _recording(rollout)
     trainer = _trainer(tiny_model_dir, tmp_path_factory.mktemp("trl-run"), ds, wrapped)
     seen = _spy(trainer, calls)
@@ -245,7 +245,7 @@ class StandInVLLMGeneration:
 
 def test_importance_sampling_correction_keeps_injected_ratio_at_one(tiny_model_dir, tmp_path):
     ds = _dataset()
-    rollout = make_repo_rollout_func(ds, rephrase_temperature=0.5)
+    rollout = make_repo_rollout_func(ds, rephrase_temperature=0.5, verify=("reward",))
     wrapped, calls = _recording(rollout)
     trainer = _trainer(tiny_model_dir, tmp_path, ds, wrapped, reward=_origin_reward, per_device_train_batch_size=8, max_steps=2)
     # TRL applies the sampling-vs-training importance correction only with vLLM: switch that path
@@ -295,7 +295,7 @@ def chat_trainer(tiny_model_dir, tmp_path_factory):
     tok = make_tokenizer()
     tok.chat_template = CHAT_TEMPLATE
     ds = _dataset(chat=True)
-    rollout = make_repo_rollout_func(ds, reward_funcs=[_origin_reward], return_logprobs=True, num_attempts=2)
+    rollout = make_repo_rollout_func(ds, reward_funcs=[_origin_reward], return_logprobs=True, num_attempts=2, verify=("reward",))
     trainer = _trainer(tiny_model_dir, tmp_path_factory.mktemp("trl-chat"), ds, rollout, reward=_origin_reward, tokenizer=tok)
     return types.SimpleNamespace(trainer=trainer, rollout=rollout, ds=ds, tok=tok)
 
@@ -369,6 +369,10 @@ def test_factory_validates_arguments():
         make_repo_rollout_func(None, strip_patterns=["("])
     with pytest.raises(ValueError, match="rephrase_template"):
         make_repo_rollout_func(None, rephrase_template="{question} {oops}")
+    with pytest.raises(ValueError, match="verify="):
+        make_repo_rollout_func(None, verify=("steps",))  # no answer check
+    with pytest.raises(ValueError, match="verify="):
+        make_repo_rollout_func(None, verify=("strict", "judge"))
 
 
 def test_wrong_trl_version_raises(monkeypatch):
@@ -382,3 +386,31 @@ def test_wrong_trl_version_raises(monkeypatch):
     monkeypatch.setenv(repo_trl.ALLOW_UNTESTED_ENV, "1")
     mod = importlib.import_module("repo_rl.integrations.trl")
     assert mod.TESTED_TRL_VERSION == "1.16.0"
+
+
+def test_rephrases_are_verified_as_repo_verify_says():
+    """The adapter's verify: reward on the whole text, strict on the final boxed answer alone, and
+    steps on the expert solution's working numbers (a stand-in trainer: a tokenizer and a reward)."""
+    from types import SimpleNamespace
+
+    from repo_rl.data import Example
+    from repo_rl.integrations.trl import RepoRolloutFunc
+    from repo_rl.models.tiny import make_char_tokenizer
+    from repo_rl.rewards import numeric_reward
+
+    tok = make_char_tokenizer()
+    trainer = SimpleNamespace(processing_class=tok, state=None)
+    texts = ["so 2 x 8 = 16, \\boxed{16}", "the answer is 16", "\\boxed{16}", "2 x 8 = 16 and 99 \\boxed{16}"]  # no '*' in the char set
+    ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    ex = Example("how many in 2?", "16", "a:b = 1:8 => 2*8 = 16. \\boxed{16}", id="0")
+    rows = [{"answer": "16"}] * 4
+
+    def verdicts(verify):
+        fn = make_repo_rollout_func(None, reward_funcs=[numeric_reward], verify=verify)
+        assert isinstance(fn, RepoRolloutFunc)
+        r = fn._score(trainer, ["q"] * 4, ids, rows, "rephrased")
+        return fn._verify(trainer, ["q"] * 4, ids, rows, r, [ex] * 4)[1].tolist()
+
+    assert verdicts(("reward",)) == [True, True, True, True]  # the whole text: the fallback passes 'the answer is 16'
+    assert verdicts(("strict",)) == [True, False, True, True]
+    assert verdicts(("strict", "steps")) == [True, False, False, False]  # no working; 99 from nowhere

@@ -96,6 +96,7 @@ from ..algorithms.groups import (  # noqa: E402
 from ..config import RepoConfig  # noqa: E402
 from ..data import Example, as_text, get_field  # noqa: E402
 from ..step.prompts import PromptRenderer, clean_rephrase  # noqa: E402
+from ..step.verify import boxed_only, steps_precision, steps_share  # noqa: E402
 from ..rewards.combine import combine_rewards  # noqa: E402
 from ..engines import SamplingParams, derive_seed, make_generator  # noqa: E402
 
@@ -210,6 +211,9 @@ class RepoRolloutFunc:
         log_prob_gap: bool,
         generation_batch_size: Optional[int],
         end_at_answer: bool = True,
+        verify: Sequence[str] = ("strict",),
+        steps_min: float = 1.0,
+        steps_precision: float = 1.0,
     ) -> None:
         if not 0.0 <= rho <= 1.0:
             raise ValueError(f"rho must be in [0, 1] (a failure fraction), got {rho}")
@@ -246,6 +250,14 @@ class RepoRolloutFunc:
         self.strip_patterns = list(strip_patterns)
         self.allow_unverified = bool(allow_unverified)
         self.end_at_answer = bool(end_at_answer)
+        self.verify = tuple(verify)
+        unknown = [c for c in self.verify if c not in ("reward", "strict", "steps")]
+        if unknown or not self.verify or not any(c in ("reward", "strict") for c in self.verify):
+            raise ValueError(f"verify={list(verify)}: expected reward and/or strict, optionally steps (the judge, row and custom "
+                             "checks of repo.verify run in repo-rl's own trainer)")
+        if not (0 < steps_min <= 1 and 0 <= steps_precision <= 1):
+            raise ValueError(f"steps_min must be in (0, 1] and steps_precision in [0, 1], got {steps_min}, {steps_precision}")
+        self.steps_min, self.steps_precision = float(steps_min), float(steps_precision)
         self.rephrase_temperature, self.rephrase_top_p = rephrase_temperature, rephrase_top_p
         self.max_new_tokens = max_new_tokens
         self.return_logprobs = return_logprobs
@@ -398,6 +410,34 @@ class RepoRolloutFunc:
                 raise ValueError(f"reward function {getattr(f, '__name__', f)!r} returned {len(out)} rewards for {len(ids)} completions")
             per_func[:, j] = torch.tensor([float("nan") if r is None else float(r) for r in out])
         return combine_rewards(per_func, weights).float()
+
+    def _verify(self, trainer: Any, prompts: list[Any], ids: list[list[int]], rows: list[dict], reward: torch.Tensor,
+                examples: list[Example]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``verify`` (``repo.verify``'s reward / strict / steps): the reward an injected rephrase
+        carries, and which rephrases pass every check."""
+        passed = reward >= self.delta  # NaN compares False
+        score = reward
+        if "reward" not in self.verify:
+            passed = torch.ones_like(passed)
+        if "strict" in self.verify:
+            tok = self._tokenizer(trainer)
+            texts = tok.batch_decode(ids, skip_special_tokens=True)
+            boxes = [boxed_only(t) for t in texts]
+            strict = torch.full((len(ids),), float("nan"))
+            has = [i for i, b in enumerate(boxes) if b is not None]
+            if has:
+                box_ids = [list(tok(boxes[i], add_special_tokens=False)["input_ids"]) for i in has]
+                strict[has] = self._score(trainer, [prompts[i] for i in has], box_ids, [rows[i] for i in has],
+                                          ORIGIN_NAMES[ORIGIN_REPHRASED])
+            passed = passed & (strict >= self.delta)
+            score = strict
+        if "steps" in self.verify:
+            tok = self._tokenizer(trainer)
+            texts = tok.batch_decode(ids, skip_special_tokens=True)
+            ok = [steps_share(t, e.solution or "") >= self.steps_min
+                  and steps_precision(t, e.solution or "", e.question_text) >= self.steps_precision for t, e in zip(texts, examples)]
+            passed = passed & torch.tensor(ok, dtype=torch.bool)
+        return score, passed
 
     def _finalize_rephrase(self, trainer: Any, raw_ids: list[int]) -> list[int]:
         """Meta text stripped, re-encoded (plus EOS) when stripping changed it, cut to max_completion_length."""
@@ -558,7 +598,9 @@ class RepoRolloutFunc:
                 cand_prompts = [uniq[n] for n in gidx for _ in range(A)]
                 cand_rows = [looked[n][0] for n in gidx for _ in range(A)]
                 cand_R = self._score(trainer, cand_prompts, cand_ids, cand_rows, ORIGIN_NAMES[ORIGIN_REPHRASED])
-                verified = (cand_R >= self.delta).view(len(gidx), A)  # NaN compares False
+                cand_R, passed = self._verify(trainer, cand_prompts, cand_ids, cand_rows, cand_R,
+                                              [looked[n][1] for n in gidx for _ in range(A)])
+                verified = passed.view(len(gidx), A)
                 verified_rate = float(verified.float().mean())
                 self.stats["attempts"] += verified.numel()
                 self.stats["verified"] += int(verified.sum())
@@ -635,6 +677,9 @@ def make_repo_rollout_func(
     log_prob_gap: bool = _DEFAULTS.log_prob_gap,
     generation_batch_size: Optional[int] = None,
     end_at_answer: bool = _DEFAULTS.end_at_answer,
+    verify: Sequence[str] = tuple(_DEFAULTS.verify),
+    steps_min: float = _DEFAULTS.steps_min,
+    steps_precision: float = _DEFAULTS.steps_precision,
 ) -> RepoRolloutFunc:
     """Build a ``rollout_func`` for ``trl.GRPOTrainer`` that applies RePO to each group.
 
@@ -665,6 +710,9 @@ def make_repo_rollout_func(
         generation_batch_size: rows per generation forward (None: all at once).
         end_at_answer: cut a rephrase after its last boxed answer before it is verified
             (``repo.end_at_answer``).
+        verify: what a rephrase must pass (``repo.verify``): ``reward`` (the reward functions on the
+            whole text), ``strict`` (the default: on its final boxed answer alone) and ``steps`` (the
+            expert solution's working numbers, ``steps_min`` / ``steps_precision``).
 
     Metrics logged beside TRL's: ``repo/gate_rate``, ``repo/rephrase_success_rate``,
     ``repo/replaced`` (per process, averaged over processes), ``repo/logp_gap``.
@@ -689,4 +737,7 @@ def make_repo_rollout_func(
         log_prob_gap=log_prob_gap,
         generation_batch_size=generation_batch_size,
         end_at_answer=end_at_answer,
+        verify=verify,
+        steps_min=steps_min,
+        steps_precision=steps_precision,
     )
