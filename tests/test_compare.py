@@ -34,3 +34,13 @@ def test_compare_smoke(tmp_path, capsys):
     before = (out / "runs" / "repo-seed0" / "result.json").stat().st_mtime
     assert main(["compare", "--methods", "repo", "--seeds", "1", "-o", str(out), "--no-progress", *SMALL]) == 0
     assert (out / "runs" / "repo-seed0" / "result.json").stat().st_mtime == before
+
+
+def test_compare_writes_plain_lines_without_a_terminal(tmp_path, capsys):
+    """Output to a log file: one plain line per run, and no progress bar (its carriage returns), not
+    even the libraries' weight-loading bars."""
+    rc = main(["compare", "--methods", "sft", "--seeds", "1", "-o", str(tmp_path / "cmp"), "--eval-n", "4", *SMALL])
+    err = capsys.readouterr().err
+    assert rc == 0
+    assert "compare: run 1/1 done (sft, seed 0," in err
+    assert "\r" not in err and "Loading weights" not in err

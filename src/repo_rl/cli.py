@@ -243,6 +243,8 @@ def _cmd_config(args: argparse.Namespace) -> int:
 def _cmd_compare(args: argparse.Namespace) -> int:
     from .compare import main_compare
 
+    _quiet_library_bars()  # no "Loading weights" bars in a log file
+
     return main_compare(args)
 
 
