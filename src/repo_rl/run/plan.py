@@ -32,7 +32,7 @@ from typing import Any, Optional
 from ..errors import UserError
 
 GiB = 1024**3
-CPU_OVERHEAD_GB = 0.9
+CPU_OVERHEAD_GB = 0.6
 """Resident memory of a training process before its model: Python, torch, transformers, the
 tokenizer and the data (measured on CPU; see docs/SCALING.md)."""
 GPU_OVERHEAD_GB = 1.0
