@@ -1,5 +1,5 @@
-"""What a new user met (a fresh clone on a common CPU): the two faults of the held-out fault cases
-and the small mismatches, each with a test that can fail."""
+"""What a new user meets on a fresh clone on a common CPU: two fault cases (a damaged verdict cache,
+a custom reward that raises) and small mismatches with the tools they know, each with a test."""
 
 from __future__ import annotations
 
@@ -32,6 +32,15 @@ def test_a_corrupt_verdict_cache_is_moved_aside_and_a_new_one_started(tmp_path, 
     assert len(said) == 1 and "not a usable database" in said[0] and "started a new one" in said[0]
     aside = [p for p in tmp_path.iterdir() if p.name.startswith("judge.sqlite.corrupt-")]
     assert len(aside) == 1 and aside[0].stat().st_size == 4096
+
+
+def test_a_cache_that_cannot_be_opened_is_switched_off_not_moved_aside(tmp_path, caplog):
+    path = tmp_path / "judge.sqlite"
+    path.mkdir()  # sqlite cannot open it (as a cache locked by another run): nothing about it says it is damaged
+    with caplog.at_level(logging.WARNING, logger="repo_rl.rewards"):
+        cache = VerdictCache(path)
+    assert not cache.enabled and path.is_dir() and [p.name for p in tmp_path.iterdir()] == ["judge.sqlite"]
+    assert len(caplog.records) == 1 and "cannot be opened" in caplog.records[0].getMessage()
 
 
 def test_a_cache_that_fails_later_is_switched_off_with_one_warning(tmp_path, caplog):
@@ -175,7 +184,7 @@ def test_new_tokens_named_when_they_overflow_and_skip_counts_the_rows(tmp_path, 
 
 def test_own_data_on_the_toy_model_gets_no_toy_table(tmp_path, capsys, monkeypatch):
     """The toy world's easy / hard / general table is about the toy world: a run of the toy model on
-    other data neither prints nor saves it (it cost ~20 s per run)."""
+    other data neither prints nor saves it (its evaluation takes about 20 s)."""
     from repo_rl import cli
 
     called = []
@@ -270,8 +279,8 @@ def test_a_json_line_missing_its_closing_brace_is_reported_where_it_ends(tmp_pat
 
 
 def test_the_trl_example_runs_quietly(tmp_path):
-    """examples/trl_repo.py, as the docs run it: it finishes and prints no warning (the deprecated
-    gradient-checkpointing names and DeepSpeed's GPU probe used to add four or five)."""
+    """examples/trl_repo.py, as the docs run it: it finishes and prints no warning (from the deprecated
+    gradient-checkpointing names or DeepSpeed's GPU probe, for example)."""
     import subprocess
     import sys
 

@@ -130,6 +130,8 @@ class VerdictCache:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._create()
+        except sqlite3.OperationalError as e:  # locked by another run, unreadable: a good cache is never moved aside
+            self._disable(f"it cannot be opened ({e})")
         except sqlite3.DatabaseError as e:
             aside = self.path.with_name(f"{self.path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
             try:
