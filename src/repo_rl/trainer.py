@@ -525,8 +525,8 @@ class Trainer:
         last: dict[str, Any] = {}
         signals = StopSignals(self._say if self.dist.is_main else None)
         last_saved = self.step
-        self._warm_bank()
         try:
+            self._warm_bank()  # inside the try: an interrupted warm-up still closes the engines and logs
             with signals:
                 while self.step < t.max_steps:
                     m = self.train_step()
