@@ -34,8 +34,8 @@ GROST_1 = Example("In Quorvia, how many lunes are in 1 grost?", "9", "grost:lune
 CAR = Example("A Quorvian market sells 1 marrel. How many fenns is that?", "6", "marrel:fenn = 1:6 => 1*6 = 6. \\boxed{6}", id="m1")
 ADD = Example("What is 8 + 1?", "9", "8 + 1 = 9. \\boxed{9}", id="a1")
 
-# (example, rephrase, lax reward passes, strict passes, steps passes): texts read the way the
-# issue's careful reader read SmolLM2's rephrases.
+# (example, rephrase, lax reward passes, strict passes, steps passes): texts like SmolLM2's
+# rephrases on the domain world (docs/REAL_MODEL.md), judged as a careful reader judges them.
 CASES = [
     # states the fact, derives the answer, boxes it: faithful
     (WEMBLE_3, "1 wemble is 6 clots, so 3 wembles are 3 * 6 = 18 clots. \\boxed{18}", True, True, True),
@@ -47,7 +47,7 @@ CASES = [
     # incoherent text whose last number happens to be right (verified for 9 by the lax reward)
     (GROST_1, "1:9 = 9*9 = 81. So there is a Tribblonmax of 1:9.", True, False, False),  # 81 comes from nowhere
     (CAR, "be it is possible to meet 6 people all in one car", True, False, True),
-    # the issue's math-reward case: gibberish whose last number is the answer
+    # gibberish whose last number is the answer, under the math reward
     (ADD, "k99999999999999999=9;9+9=k99999,", False, False, False),
     # a box with the wrong number, the right one copied into the text after it: the box wins
     (WEMBLE_3, "3 * 6 = \\boxed{17}. The reference says 18", False, False, False),
@@ -100,7 +100,7 @@ def test_each_check_on_hand_made_rephrases(example, text, lax, strict, steps):
     assert v.via(0) == ("-" if not lax else ("boxed" if strict else "fallback"))
 
 
-def test_the_issue_sample_under_each_verifier():
+def test_the_read_sample_under_each_verifier():
     """Of the texts above a careful reader accepts only the first two; the lax reward accepts seven,
     strict three, strict + steps exactly those two."""
     exs, texts = [c[0] for c in CASES], [c[1] for c in CASES]
@@ -197,6 +197,8 @@ def test_faithfulness_judge_that_is_down_is_one_line_at_start():
     (["repo.verify=[stirct]"], "did you mean 'strict'"),
     (["repo.verify=[steps]"], "reward or strict among the checks"),
     (["repo.verify=[strict,strict]"], "each check once"),
+    (["repo.verify=[strict,a.b:check,c.d:check]"], "checks with different names"),
+    (["repo.verify=[strict,steps,mymod:steps]"], "checks with different names"),
     (["repo.verify=[strict,judge]"], "repo.judge.model"),
     (["repo.steps_min=0"], "repo.steps_min"),
     (["repo.steps_precision=1.5"], "repo.steps_precision"),

@@ -18,6 +18,12 @@ BUILTIN_CHECKS = ("reward", "strict", "steps", "judge", "row")
 """``repo.verify``'s built-in checks (:mod:`repo_rl.step.verify`); anything else is a ``pkg.mod:fn``."""
 
 
+def check_label(spec: str) -> str:
+    """The metric name of a ``repo.verify`` check (``repo/verify/<label>``): the built-in name, or the
+    function's name."""
+    return spec if spec in BUILTIN_CHECKS else spec.replace(":", ".").rsplit(".", 1)[-1]
+
+
 def check(cond: bool, key: str, expected: str, value: Any) -> None:
     """A :class:`ConfigError` ``"<key>: expected <expected>, got <value>"`` unless ``cond``."""
     if not cond:
@@ -169,6 +175,9 @@ def _check_verify(cfg: Any) -> None:
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(f"repo.verify: unknown check {spec!r}{hint}; expected {', '.join(BUILTIN_CHECKS)} or pkg.mod:fn")
     check(len(set(r.verify)) == len(r.verify), "repo.verify", "each check once", r.verify)
+    labels = [check_label(c) for c in r.verify]
+    check(len(set(labels)) == len(labels), "repo.verify",
+          "checks with different names (a custom check's metric is repo/verify/<function name>)", r.verify)
     check(any(c in ANSWER_CHECKS for c in r.verify), "repo.verify",
           "reward or strict among the checks (the injected rephrase's reward is that check's score)", r.verify)
     check(0 < r.steps_min <= 1, "repo.steps_min", "a number in (0, 1]", r.steps_min)

@@ -49,7 +49,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from ..config.checks import ANSWER_CHECKS, BUILTIN_CHECKS  # the names repo.verify accepts
+from ..config.checks import ANSWER_CHECKS, BUILTIN_CHECKS, check_label  # the names repo.verify accepts
 from ..data import Example
 from ..errors import UserError
 from ..rewards.extract import extract_boxed
@@ -178,11 +178,6 @@ class Verdicts:
         if not bool(self.checks["reward"][i]):
             return "-"
         return "boxed" if bool(self.checks["strict"][i]) else "fallback"
-
-
-def check_label(spec: str) -> str:
-    """The metric name of a check (``repo/verify/<label>``): the built-in name, or the function's name."""
-    return spec if spec in BUILTIN_CHECKS else spec.replace(":", ".").rsplit(".", 1)[-1]
 
 
 class RephraseVerifier:
