@@ -658,3 +658,5 @@ def test_new_tokens_fit_the_context(capsys):
     assert "1 items' prompts leave fewer than --max-new-tokens 200" in capsys.readouterr().err
     with pytest.raises(UserError, match=r"^--max-new-tokens 1024: the model's context is 256 tokens"):
         fit_new_tokens(1024, 256, [40])
+    with pytest.raises(UserError, match=r"^the longest prompt is 300 tokens, which fills the model's 256-token context"):
+        fit_new_tokens(None, 256, [40, 300])  # no room for an answer, whatever --max-new-tokens says

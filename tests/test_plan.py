@@ -106,3 +106,10 @@ def test_an_unknown_hub_model_offline_is_one_line(capsys):
     rc = main(["plan", "model.name_or_path=nobody/no-such-model-xyz", "data.train_files=x.jsonl"])
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert rc == 2 and line.startswith("repo-rl: error: model.name_or_path=nobody/no-such-model-xyz: cannot read its config.json")
+
+
+@pytest.mark.parametrize("flags,said", [(["--processes", "0"], "--processes 0: expected an integer >= 1"),
+                                        (["--device-memory-gb", "0"], "--device-memory-gb 0.0: expected a number > 0")])
+def test_bad_launch_flags_are_one_line(flags, said, capsys):
+    assert main(["plan", *flags]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"repo-rl: error: {said}"

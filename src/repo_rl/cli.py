@@ -281,17 +281,17 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     if sharding is None:  # the accelerate launch's settings, read from its environment
         fsdp, ds = FsdpSettings.from_env(os.environ), DeepSpeedSettings.from_env(os.environ)
         sharding = "fsdp" if fsdp is not None else (f"zero{ds.stage}" if ds is not None else "ddp")
-    processes = args.processes or int(os.environ.get("WORLD_SIZE", "1"))
+    processes = args.processes if args.processes is not None else int(os.environ.get("WORLD_SIZE", "1"))
     if processes < 1:
         return _fail(f"--processes {processes}: expected an integer >= 1")
+    if args.device_memory_gb is not None and args.device_memory_gb <= 0:
+        return _fail(f"--device-memory-gb {args.device_memory_gb}: expected a number > 0")
     if cfg.train.prompts_per_step % processes:
         return _fail(f"train.prompts_per_step={cfg.train.prompts_per_step}: expected a multiple of --processes {processes}")
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     available = args.device_memory_gb if args.device_memory_gb else device_memory_gb(device)
-    if args.device_memory_gb is not None and args.device_memory_gb <= 0:
-        return _fail(f"--device-memory-gb {args.device_memory_gb}: expected a number > 0")
     launch = Launch(processes, sharding, device, available)
     with tempfile.TemporaryDirectory() as tmp:
         est = estimate(cfg, model_shape(cfg), launch, prompt_length(cfg, Path(tmp)))

@@ -167,6 +167,9 @@ def fit_new_tokens(asked: Optional[int], ctx: Optional[int], prompt_lengths: lis
     longest = max(prompt_lengths, default=0)
     if ctx is None:
         return asked or DEFAULT_MAX_NEW_TOKENS
+    if longest >= ctx:
+        raise UserError(f"the longest prompt is {longest} tokens, which fills the model's {ctx}-token context "
+                        "(max_position_embeddings) and leaves no room for an answer; shorten it or use a model with a longer context")
     if asked is not None and asked >= ctx:
         raise UserError(f"--max-new-tokens {asked}: the model's context is {ctx} tokens (max_position_embeddings), which "
                         f"leaves no room for a prompt; expected at most {ctx - 1}, and less than {ctx - longest} to fit "
@@ -175,7 +178,6 @@ def fit_new_tokens(asked: Optional[int], ctx: Optional[int], prompt_lengths: lis
         room = ctx - longest
         if room >= DEFAULT_MAX_NEW_TOKENS:
             return DEFAULT_MAX_NEW_TOKENS
-        room = max(room, 1)
         print(f"note: --max-new-tokens {room} (the default {DEFAULT_MAX_NEW_TOKENS} does not fit the model's {ctx}-token "
               f"context after the longest prompt, {longest} tokens)", file=sys.stderr)
         return room
