@@ -66,12 +66,12 @@ def run_name(method: str, lr: float, seed: int) -> str:
     return f"{method}-lr{lr:g}-seed{seed}"
 
 
-def pick_lr(sweep: dict[float, dict]) -> float:
-    """The kept rate: highest final ``val`` pass@1, then highest mean ``val`` pass@1 over the
+def pick_lr(sweep: dict[float, dict], split: str = "val") -> float:
+    """The kept rate: highest final pass@1 on ``split``, then highest mean pass@1 on it over the
     evaluations, then the lowest rate. ``sweep`` maps a rate to its run summary."""
 
     def key(lr: float) -> tuple[float, float, float]:
-        val = [v for _, v in sorted(sweep[lr]["evals"]["val"].items())]
+        val = [v for _, v in sorted(sweep[lr]["evals"].get(split, {}).items())]
         final = val[-1] if val else float("-inf")
         mean = statistics.fmean(val) if val else float("-inf")
         return (final, mean, -lr)
@@ -227,7 +227,7 @@ class Study:
         before = self.before()
         self.map([(m, lr, 0) for m in a.methods for lr in a.lrs])
         sweep = {m: {lr: study_summary(self.out / "runs" / run_name(m, lr, 0), self.splits) for lr in a.lrs} for m in a.methods}
-        chosen = {m: pick_lr(sweep[m]) for m in a.methods}
+        chosen = {m: pick_lr(sweep[m], self.splits[0]) for m in a.methods}
         self.map([(m, chosen[m], s) for m in a.methods for s in range(1, a.seeds)])
         runs = {m: [study_summary(self.out / "runs" / run_name(m, chosen[m], s), self.splits) for s in range(a.seeds)] for m in a.methods}
         md = table(before, chosen, runs, sweep, self.splits)
@@ -288,8 +288,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_intermixed_args(argv)
     if args.before_only:
         return before_only(args.before_only, args.config, args.overrides)
-    if args.seeds < 1 or args.steps < 1 or args.jobs < 1 or not args.lrs:
-        ap.error("--seeds, --steps and --jobs must be >= 1, and --lrs must name a rate")
+    if args.seeds < 1 or args.steps < 1 or args.jobs < 1 or not args.lrs or not args.splits:
+        ap.error("--seeds, --steps and --jobs must be >= 1, and --lrs and --splits must name one at least")
     return Study(args).run()
 
 
