@@ -26,6 +26,7 @@ import torch
 from . import algorithms as alg
 from .run.checkpoint import latest_checkpoint, list_checkpoints
 from .config import Config
+from .config.checks import check_launch
 from .data import DataError, Example, LoadReport, PromptSampler, load_examples
 from .run.distributed import Dist, deepspeed_engine, full_parameters, fully_shard_model
 from .errors import TrainingError, UserError
@@ -94,11 +95,7 @@ class Trainer:
     # ------------------------------------------------------------------ setup
     def _check_launch(self) -> None:
         cfg = self.cfg
-        if cfg.train.prompts_per_step % self.dist.world:
-            raise UserError(
-                f"train.prompts_per_step={cfg.train.prompts_per_step}: expected a multiple of the {self.dist.world} processes "
-                "(each process takes whole groups)"
-            )
+        check_launch(cfg, self.dist.world)
         if self.dist.is_main:
             check_writable(self.out)
             self.lock = RunLock(self.out)
@@ -173,10 +170,12 @@ class Trainer:
             self._say(f"precision: {'bf16 autocast' if self.bf16 else 'float32'} ({why})")
         self.autocast_dtype = torch.bfloat16 if self.bf16 else None
         gen_bf16 = self.bf16 if cfg.train.bf16_generation is None else cfg.train.bf16_generation
-        if cfg.generation.backend == "vllm" and self.dist.world > 1:
-            raise UserError("generation.backend=vllm with several processes: not supported yet (one engine per run); launch one process")
-        self.generator = make_generator(self.core, self.eos_ids, self.tokenizer.pad_token_id, cfg.generation.backend,
-                                        autocast_dtype=torch.bfloat16 if gen_bf16 else None, **cfg.generation.engine_options())
+        self.generator = self.dist.on_every_rank(
+            "the generation engine", lambda: make_generator(self.core, self.eos_ids, self.tokenizer.pad_token_id, cfg.generation.backend,
+                                                            autocast_dtype=torch.bfloat16 if gen_bf16 else None,
+                                                            **cfg.generation.engine_options()),
+            close=lambda g: getattr(g, "close", lambda: None)(),
+        )
         self.ref_model = None
         initial_teacher = self.method.teacher and cfg.baselines.sdft_teacher == "initial"
         if (cfg.algorithm.beta > 0 or initial_teacher) and not self.lora:
@@ -272,6 +271,12 @@ class Trainer:
                 return self.generator.generate(rows, params, seeds, logprobs=True)
             return self.generator.generate(rows, params, seeds), None
 
+    def _sync_engine(self) -> None:
+        """Give an engine with its own copy of the weights the updated ones (gathered where sharded)."""
+        if getattr(self.generator, "needs_weights", False):
+            with full_parameters(self.model, self.dist.engine):
+                self.generator.sync_weights(self.core)
+
     def _save(self) -> None:
         save_run(self.out, self.dist, self.run, self.model, self.tokenizer, self.optimizer, self.scheduler, self.sampler,
                  {"model_path": self.model_path}, self.cfg.train.save_total_limit, [self.metrics_log, self.completions_log])
@@ -318,7 +323,7 @@ class Trainer:
             run.bad_steps_consecutive = run.bad_steps_consecutive + 1 if bad else 0
             run.first_bad_step = (run.first_bad_step or run.step + 1) if bad else None
             upd["train/bad_steps"] = float(run.bad_steps_total)
-            self.generator.sync_weights(self.core)
+            self._sync_engine()
         else:
             upd, logp_sums = {"loss": float("nan"), "train/skipped_step": 1.0}, {}
         gaps = [group.gap_under_p[f] - logp_sums[f] for f in group.gap_under_p if f in logp_sums]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import difflib
 from typing import Any
 
-from ..errors import ConfigError
+from ..errors import ConfigError, UserError
 
 
 MMAP_MAX_KB = 32 * 1024
@@ -164,6 +164,21 @@ def validate(cfg: Any) -> None:
         raise ConfigError("eval.every: periodic evaluation needs data.eval_files")
     if isinstance(cfg.data.train_files, list) and not cfg.data.train_files:
         raise ConfigError("data.train_files: expected at least one file")
+
+
+def check_launch(cfg: Any, world: int) -> None:
+    """What the config asks of a launch with ``world`` processes."""
+    if cfg.train.prompts_per_step % world:
+        raise UserError(
+            f"train.prompts_per_step={cfg.train.prompts_per_step}: expected a multiple of the {world} processes "
+            "(each process takes whole groups)"
+        )
+    tp = cfg.generation.vllm_tensor_parallel_size
+    if cfg.generation.backend == "vllm" and world > 1 and tp > 1:
+        raise UserError(
+            f"generation.vllm_tensor_parallel_size={tp} with {world} processes: not supported; each process runs its own "
+            "engine with the whole model (keep it 1), or launch one process for one tensor-parallel engine"
+        )
 
 
 def _check_verify(cfg: Any) -> None:

@@ -1,7 +1,9 @@
 """``generation.backend: vllm``: rollouts, rephrases and evaluation through a vLLM engine.
 
 The engine runs colocated with the trainer (TRL's ``vllm_mode: colocate``) in vLLM's own engine
-process. At start it is built from the training model's current weights (written with its config
+process. Under ``accelerate launch`` every rank runs its own engine on its own device, with the
+whole model, and samples its shard of the step's prompts and their rephrases; each rank syncs its
+engine from its own (gathered, where sharded) copy of the weights. At start it is built from the training model's current weights (written with its config
 to a temporary directory, in ``/dev/shm`` where there is one), so any model the trainer can load
 works, the toy world and LoRA included. After every optimizer step :meth:`VLLMGenerator.sync_weights`
 writes the weights to a safetensors file (LoRA adapters merged into their base weights) and the
@@ -57,6 +59,8 @@ def merged_state_dict(model: Any) -> dict[str, torch.Tensor]:
     for key, value in model.state_dict().items():
         if ".lora_" in key or "lora_magnitude" in key:
             continue
+        if hasattr(value, "full_tensor"):  # an FSDP2 shard: every rank gathers it, in the same key order
+            value = value.full_tensor()
         out[key.replace(".base_layer.", ".")] = value.detach()
     with torch.no_grad():
         for name, module in lora_layers.items():
@@ -69,6 +73,21 @@ def merged_state_dict(model: Any) -> dict[str, torch.Tensor]:
     if getattr(getattr(model, "config", None), "tie_word_embeddings", False):
         out.pop("lm_head.weight", None)
     return out
+
+
+def engine_devices(visible: Optional[str], index: int, count: int, tensor_parallel_size: int) -> str:
+    """``CUDA_VISIBLE_DEVICES`` for the engine of the trainer on CUDA device ``index``: that device
+    and the next ``tensor_parallel_size - 1``, by their ids in the trainer's own ``visible`` list
+    (``None``: all ``count`` devices, ids 0..count-1). vLLM's engine process uses its first visible
+    device, so without this every rank's engine would start on device 0."""
+    ids = [x.strip() for x in visible.split(",") if x.strip()] if visible else [str(i) for i in range(count)]
+    if index + tensor_parallel_size > len(ids):
+        raise UserError(
+            f"the vLLM engine of the process on cuda:{index} needs {tensor_parallel_size} device(s) from there, but "
+            f"{len(ids)} are visible ({','.join(ids) or 'none'}); launch at most one process per device, or lower "
+            "generation.vllm_tensor_parallel_size"
+        )
+    return ",".join(ids[index : index + tensor_parallel_size])
 
 
 def _shm_dir() -> Optional[str]:
@@ -145,8 +164,25 @@ class VLLMGenerator:
         else:
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
             kwargs["enable_sleep_mode"] = enable_sleep_mode
-        self.llm = LLM(**kwargs)
+        if on_cpu:
+            self.llm = LLM(**kwargs)
+        else:
+            device = next(model.parameters()).device
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            devices = engine_devices(os.environ.get("CUDA_VISIBLE_DEVICES"), index, torch.cuda.device_count(), tensor_parallel_size)
+            saved = os.environ.get("CUDA_VISIBLE_DEVICES")
+            os.environ["CUDA_VISIBLE_DEVICES"] = devices  # read by the engine process vLLM starts now
+            try:
+                self.llm = LLM(**kwargs)
+            finally:
+                if saved is None:
+                    os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+                else:
+                    os.environ["CUDA_VISIBLE_DEVICES"] = saved
         self.syncs = 0
+
+    needs_weights = True
+    """The engine keeps its own copy of the weights: the trainer gathers sharded ones for :meth:`sync_weights`."""
 
     # ------------------------------------------------------------------ weights
     def _weights_file(self, model: Any) -> Path:

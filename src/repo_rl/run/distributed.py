@@ -25,7 +25,7 @@ import contextlib
 import os
 import sys
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Mapping, Optional
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
 
 import torch
 
@@ -255,6 +255,28 @@ class Dist:
             n = g.numel()
             g.copy_(flat[offset : offset + n].view_as(g))
             offset += n
+
+    def on_every_rank(self, what: str, build: Callable[[], Any], close: Callable[[Any], None] = lambda _: None) -> Any:
+        """``build()`` on every rank; when it fails on any rank, every rank stops with that rank's
+        error (the failing rank re-raises its own exception), rather than the others waiting at
+        their next collective. ``close`` releases what the ranks that succeeded built."""
+        if self.world == 1:
+            return build()
+        built, error, failure = None, None, None
+        try:
+            built = build()
+        except Exception as e:  # noqa: BLE001 - reported to every rank below
+            error, failure = f"{type(e).__name__}: {e}" if not isinstance(e, UserError) else str(e), e
+        errors = self.gather(error)
+        bad = [(r, msg) for r, msg in enumerate(errors) if msg is not None]
+        if not bad:
+            return built
+        if built is not None:
+            close(built)
+        if failure is not None:
+            raise failure
+        rank, msg = bad[0]
+        raise UserError(f"{what} failed to start on rank {rank} of {self.world}: {msg}")
 
     def barrier(self) -> None:
         if self.world > 1:
