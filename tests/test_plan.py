@@ -102,6 +102,14 @@ def test_plan_of_the_toy_world_fits_this_machine(capsys):
     assert "plan: toyworld" in out and "| **total** |" in out and "rollout tokens per step" in out
 
 
+def test_cpu_processes_share_the_machine_memory(capsys):
+    from repo_rl.run.plan import device_memory_gb
+
+    assert main(["plan", "--device", "cpu", "--processes", "2"]) == 0
+    row = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| device memory")]
+    assert row and float(row[0].split("|")[2]) == pytest.approx(device_memory_gb("cpu") / 2, abs=0.06)
+
+
 def test_an_unknown_hub_model_offline_is_one_line(capsys):
     rc = main(["plan", "model.name_or_path=nobody/no-such-model-xyz", "data.train_files=x.jsonl"])
     line = capsys.readouterr().err.strip().splitlines()[-1]

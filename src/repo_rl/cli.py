@@ -292,6 +292,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     available = args.device_memory_gb if args.device_memory_gb else device_memory_gb(device)
+    if device == "cpu" and not args.device_memory_gb and available:
+        available /= processes  # the processes of a CPU launch share this machine's RAM
     launch = Launch(processes, sharding, device, available)
     with tempfile.TemporaryDirectory() as tmp:
         est = estimate(cfg, model_shape(cfg), launch, prompt_length(cfg, Path(tmp)))
@@ -386,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="how the ranks share the training state (default: the accelerate launch's, else ddp)")
     pl.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when one is visible, else cpu")
     pl.add_argument("--device-memory-gb", type=float, default=None,
-                    help="memory of one device (default: the visible GPU's, or this machine's RAM)")
+                    help="memory of one device (default: the visible GPU's, or this machine's RAM over the processes)")
     pl.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
     pl.set_defaults(func=_cmd_plan)
 
