@@ -78,3 +78,16 @@ def test_an_engine_that_fails_on_one_rank_stops_every_rank_with_its_error():
 def test_one_process_gets_the_original_exception():
     with pytest.raises(KeyError):
         Dist().on_every_rank("the engine", lambda: {}["x"])
+
+
+def test_the_weights_file_goes_to_shared_memory_only_when_it_fits(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    from repo_rl.engines.vllm import sync_dir
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 0, 10**9))
+    assert sync_dir(400 * 10**6, str(tmp_path)) == str(tmp_path)  # room for the file and the next one
+    assert sync_dir(600 * 10**6, str(tmp_path)) is None  # a 64 MB-style /dev/shm: the temporary directory instead
+    assert sync_dir(1, str(tmp_path / "missing")) is None

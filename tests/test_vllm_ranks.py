@@ -73,6 +73,7 @@ def test_two_ranks_sample_what_one_process_samples(runs):
     assert first and first == _by_step(two, 1)
     assert any(o == "rephrased" for _, o, _ in first), "no rephrase was injected: the test would not cover them"
     m1, m2 = _jsonl(one / "metrics.jsonl"), _jsonl(two / "metrics.jsonl")
+    assert all(m["time/sync"] > 0 for m in m1 + m2)  # the engine's sync is timed at every step
     for k in ("reward", "repo/gate_rate", "completions/mean_length", "loss"):
         assert m1[0][k] == pytest.approx(m2[0][k], rel=1e-4, abs=1e-6), k
     # Step 2 samples with weights updated by an all-reduced gradient: equal up to its float rounding,

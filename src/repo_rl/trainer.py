@@ -271,11 +271,14 @@ class Trainer:
                 return self.generator.generate(rows, params, seeds, logprobs=True)
             return self.generator.generate(rows, params, seeds), None
 
-    def _sync_engine(self) -> None:
-        """Give an engine with its own copy of the weights the updated ones (gathered where sharded)."""
-        if getattr(self.generator, "needs_weights", False):
-            with full_parameters(self.model, self.dist.engine):
-                self.generator.sync_weights(self.core)
+    def _sync_engine(self) -> bool:
+        """Give an engine with its own copy of the weights the updated ones (gathered where sharded);
+        False when the engine samples from the training model itself."""
+        if not getattr(self.generator, "needs_weights", False):
+            return False
+        with full_parameters(self.model, self.dist.engine):
+            self.generator.sync_weights(self.core)
+        return True
 
     def _save(self) -> None:
         save_run(self.out, self.dist, self.run, self.model, self.tokenizer, self.optimizer, self.scheduler, self.sampler,
@@ -323,7 +326,9 @@ class Trainer:
             run.bad_steps_consecutive = run.bad_steps_consecutive + 1 if bad else 0
             run.first_bad_step = (run.first_bad_step or run.step + 1) if bad else None
             upd["train/bad_steps"] = float(run.bad_steps_total)
-            self._sync_engine()
+            t0 = time.perf_counter()
+            if self._sync_engine():
+                timings["sync"] = time.perf_counter() - t0
         else:
             upd, logp_sums = {"loss": float("nan"), "train/skipped_step": 1.0}, {}
         gaps = [group.gap_under_p[f] - logp_sums[f] for f in group.gap_under_p if f in logp_sums]

@@ -90,8 +90,17 @@ def engine_devices(visible: Optional[str], index: int, count: int, tensor_parall
     return ",".join(ids[index : index + tensor_parallel_size])
 
 
-def _shm_dir() -> Optional[str]:
-    return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+def sync_dir(need_bytes: int, shm: str = "/dev/shm") -> Optional[str]:
+    """Where the weights file goes: ``shm`` (memory) when it is writable and has room for two
+    copies (the file and the next one written beside it), else the system's temporary directory
+    (``None``). Containers often mount a small ``/dev/shm`` (Docker's default is 64 MB)."""
+    if not (os.path.isdir(shm) and os.access(shm, os.W_OK)):
+        return None
+    try:
+        free = shutil.disk_usage(shm).free
+    except OSError:
+        return None
+    return shm if free >= 2 * need_bytes else None
 
 
 class VLLMGenerator:
@@ -137,7 +146,8 @@ class VLLMGenerator:
             # vLLM's CPU backend sizes its KV cache from this variable (GiB).
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, int(round(kv_cache_gb))))
             os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
-        self.dir = Path(tempfile.mkdtemp(prefix="repo-rl-vllm-", dir=_shm_dir()))
+        size = sum(p.numel() for p in model.parameters()) * torch.tensor([], dtype=self.dtype).element_size()
+        self.dir = Path(tempfile.mkdtemp(prefix="repo-rl-vllm-", dir=sync_dir(size)))
         atexit.register(shutil.rmtree, self.dir, True)
         self._write_model(model, config)
         kwargs: dict[str, Any] = dict(
