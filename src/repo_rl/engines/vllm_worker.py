@@ -2,10 +2,28 @@
 
 vLLM imports this module by name in its own process, so it must not import torch-heavy parts of
 repo_rl. Tensors cannot travel as RPC arguments (they arrive as lists), so the trainer writes a
-safetensors file and passes its path.
+safetensors file and passes its path. :func:`reload_into` is also what
+:func:`repo_rl.integrations.trl.sync_colocated_by_reload` calls in the trainer's own process.
 """
 
 from __future__ import annotations
+
+from typing import Any, Iterable
+
+
+def reload_into(model_runner: Any, weights: Iterable[tuple[str, Any]], tied_embeddings: bool) -> None:
+    """Load ``(Hugging Face name, tensor)`` pairs into a vLLM model runner in place."""
+    # The model runner's layer-wise reload writes each tensor and re-packs the layers (on CPU the
+    # linear layers keep a packed copy of their weight, which a plain ``model.load_weights`` misses).
+    model_runner.reload_weights(weights_iterator=iter(weights))
+    if tied_embeddings:
+        # A tied lm_head shares the embedding's parameter but keeps its own packed copy until
+        # it is processed again; without this the logits come from the old weights.
+        model = model_runner.get_model()
+        lm_head = getattr(model, "lm_head", None)
+        method = getattr(lm_head, "quant_method", None)
+        if method is not None and hasattr(method, "process_weights_after_loading"):
+            method.process_weights_after_loading(lm_head)
 
 
 class WeightSync:
@@ -15,15 +33,5 @@ class WeightSync:
         from safetensors.torch import load_file
 
         weights = load_file(path)
-        # The model runner's layer-wise reload writes each tensor and re-packs the layers
-        # (on CPU the linear layers keep a packed copy of their weight).
-        self.model_runner.reload_weights(weights_iterator=iter(weights.items()))
-        if tied_embeddings:
-            # A tied lm_head shares the embedding's parameter but keeps its own packed copy until
-            # it is processed again; without this the logits come from the old weights.
-            model = self.model_runner.get_model()
-            lm_head = getattr(model, "lm_head", None)
-            method = getattr(lm_head, "quant_method", None)
-            if method is not None and hasattr(method, "process_weights_after_loading"):
-                method.process_weights_after_loading(lm_head)
+        reload_into(self.model_runner, weights.items(), tied_embeddings)
         return len(weights)

