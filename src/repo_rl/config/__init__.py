@@ -462,7 +462,8 @@ class GenerationConfig:
     vllm_gpu_memory_utilization: float = 0.3
     """TRL's name: share of GPU memory the engine may take (GPU only; untested here)."""
     vllm_enable_sleep_mode: bool = False
-    """TRL's name: offload the engine between generations (GPU only; does nothing on CPU, refused there)."""
+    """TRL's name: start the engine with vLLM's sleep mode enabled (GPU only; refused on CPU). The
+    trainer does not put the engine to sleep during the update yet, so this frees no memory today."""
     vllm_tensor_parallel_size: int = 1
     """TRL's name: GPUs per engine (GPU only; 1 on CPU)."""
 
