@@ -3,9 +3,10 @@
 The engine runs colocated with the trainer (TRL's ``vllm_mode: colocate``) in vLLM's own engine
 process. Under ``accelerate launch`` every rank runs its own engine on its own device, with the
 whole model, and samples its shard of the step's prompts and their rephrases; each rank syncs its
-engine from its own (gathered, where sharded) copy of the weights. At start it is built from the training model's current weights (written with its config
-to a temporary directory, in ``/dev/shm`` where there is one), so any model the trainer can load
-works, the toy world and LoRA included. After every optimizer step :meth:`VLLMGenerator.sync_weights`
+engine from its own (gathered, where sharded) copy of the weights. At start the engine is built
+from the training model's current weights, written with its config to a temporary directory (in
+``/dev/shm`` where it has room, :func:`sync_dir`), so any model the trainer can load works, the
+toy world and LoRA included. After every optimizer step :meth:`VLLMGenerator.sync_weights`
 writes the weights to a safetensors file (LoRA adapters merged into their base weights) and the
 worker reloads them in place (:mod:`repo_rl.engines.vllm_worker`); the prefix cache is reset so no
 KV of the old weights is reused.
