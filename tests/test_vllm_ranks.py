@@ -45,12 +45,14 @@ def _jsonl(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def _engine_checks(run, procs):
+def _engine_checks(run, procs, syncs=2):
     for r in range(procs):
         check = json.loads((run / f"engine-rank{r}.json").read_text())
         # After the last sync the engine scores its samples as the training model does.
-        assert check["syncs"] == 2, (r, check)
+        assert check["syncs"] == syncs, (r, check)
         assert check["max_abs_diff"] < 1e-4, (r, check)
+        # One weights file per machine: rank 0 writes it, the other rank's engine reads it.
+        assert check["writes"] == (check["syncs"] if r == 0 else 0), (r, check)
     return [json.loads((run / f"engine-rank{r}.json").read_text())["tokens"] for r in range(procs)]
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import math
+import socket
 import sys
 import time
 from pathlib import Path
@@ -176,6 +177,12 @@ class Trainer:
                                                             **cfg.generation.engine_options()),
             close=lambda g: getattr(g, "close", lambda: None)(),
         )
+        if self.dist.world > 1 and hasattr(self.generator, "share_weights_file"):
+            # One weights file per machine for the syncs: its lowest rank writes, all its engines read.
+            host = socket.gethostname()
+            dirs = self.dist.gather((host, str(self.generator.dir)))
+            writer = min(r for r, (h, _) in enumerate(dirs) if h == host)
+            self.generator.share_weights_file(Path(dirs[writer][1]) / "model.safetensors", self.dist.rank == writer, self.dist.barrier)
         self.ref_model = None
         initial_teacher = self.method.teacher and cfg.baselines.sdft_teacher == "initial"
         if (cfg.algorithm.beta > 0 or initial_teacher) and not self.lora:

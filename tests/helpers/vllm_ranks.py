@@ -36,7 +36,7 @@ def main() -> None:
             logits = trainer.core(x).logits[0, len(p) - 1 : len(p) - 1 + len(c)].float()
             mine = torch.log_softmax(logits, -1).gather(1, torch.tensor(c)[:, None])[:, 0]
             worst = max(worst, float((mine - torch.tensor(lp)).abs().max()))
-    (out / f"engine-rank{dist.rank}.json").write_text(json.dumps({"max_abs_diff": worst, "syncs": generator.syncs, "tokens": ids}))
+    (out / f"engine-rank{dist.rank}.json").write_text(json.dumps({"max_abs_diff": worst, "syncs": generator.syncs, "writes": generator.writes, "tokens": ids}))
     close_generator()
     close_dist()
     dist.exit_process()

@@ -28,7 +28,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
@@ -213,10 +213,34 @@ class VLLMGenerator:
         (self.dir / "config.json").write_text(json.dumps(cfg, indent=1), encoding="utf-8")
         self._weights_file(model)
 
+    def share_weights_file(self, path: Path, writer: bool, barrier: Callable[[], None]) -> None:
+        """Sync from one weights file per machine: the ``writer`` rank writes ``path`` (its own
+        engine's file), every rank's engine reads it. ``barrier`` must be called by every rank of
+        the launch: after the write (the file is whole before any engine reads it) and after the
+        reads (none reads a file being rewritten). Eight ranks of a node then hold one copy of the
+        weights in ``/dev/shm``, not eight."""
+        self.shared = (Path(path), bool(writer), barrier)
+
+    shared: Optional[tuple[Path, bool, Callable[[], None]]] = None
+    writes = 0
+    """Weights files this engine wrote for its syncs."""
+
     def sync_weights(self, model: Any) -> None:
         """Reload ``model``'s current weights into the engine in place, then drop cached KV."""
-        path = self._weights_file(model)
+        if self.shared is None:
+            path = self._weights_file(model)
+            self.writes += 1
+        else:
+            path, writer, barrier = self.shared
+            if writer:
+                self._weights_file(model)
+                self.writes += 1
+            else:
+                merged_state_dict(model)  # takes part in the all-gathers of sharded (FSDP2) weights
+            barrier()
         self.llm.collective_rpc("repo_rl_load_weights", args=(str(path), self.tied))
+        if self.shared is not None:
+            self.shared[2]()
         self.llm.reset_prefix_cache()
         self.syncs += 1
 

@@ -184,8 +184,12 @@ def estimate(cfg: Any, shape: ModelShape, launch: Launch, prompt_tokens: int) ->
         else:
             mem["KV cache (vLLM)"] = g.vllm_kv_cache_gb * GiB
             mem["engine weights (vLLM)"] = P * (2 if bf16 else 4)
-            # Each sync writes the weights to a file the engine reads back: in /dev/shm, so in RAM.
-            mem["weights file for the engine sync"] = P * (2 if bf16 else 4)
+            # Each sync writes the weights to a file the engines read back: in /dev/shm, so in RAM;
+            # one file per machine, and a CPU launch is one machine, so each rank's share of it.
+            mem["weights file for the engine sync"] = P * (2 if bf16 else 4) / W
+        if sh in ("fsdp", "zero3"):
+            # The sync gathers the whole model on every rank (after the update, so the sum is on the safe side).
+            mem["weights gathered for the engine sync"] = P * wbytes * (1 - 1 / W)
     else:
         rephrase_prompt = prompt_tokens + (r.fewshot + 1) * 64 + 2 * (r.fewshot * rephrase_new)  # template, solution, shots
         mem["KV cache (HF sampler)"] = kv_per_token * (rollout_rows * seq + rephrase_rows * (rephrase_prompt + rephrase_new))
@@ -214,7 +218,8 @@ LEVERS = {
     "logits": "set train.logprob_chunk_size (e.g. 1024) or lower train.micro_batch_size",
     "KV cache (vLLM)": "lower generation.vllm_gpu_memory_utilization (GPU) or generation.vllm_kv_cache_gb (CPU)",
     "engine weights (vLLM)": "shard the training side harder: the engine keeps a full bf16 copy",
-    "weights file for the engine sync": "use a machine with more memory: each rank's sync writes the whole model to /dev/shm",
+    "weights gathered for the engine sync": "train LoRA (model.lora.r=16): the sync gathers the whole model on every rank",
+    "weights file for the engine sync": "use a machine with more memory: the sync writes the whole model to /dev/shm",
     "KV cache (HF sampler)": "use generation.backend=vllm, or lower train.prompts_per_step or algorithm.max_completion_length",
     "runtime overhead": "use a machine with more memory",
 }
