@@ -148,6 +148,18 @@ def test_prompts_per_step_must_split_over_processes(setup):
     assert "train.prompts_per_step=3" in proc.stderr and "multiple of the 2 processes" in proc.stderr
 
 
+def test_an_engine_that_fails_on_one_rank_stops_every_rank_with_its_error(setup):
+    tmp_path, model, data = setup
+    over = dict(OVERRIDES, **{"model.name_or_path": model, "data.train_files": data, "train.max_steps": 1})
+    args = _train_args(tmp_path, "bad", over)
+    helper = str(ROOT / "tests" / "helpers" / "engine_fails_on_rank1.py")
+    proc = _run([helper, *args[2:]], 2)  # _run's timeout turns a hang into a failure
+    assert proc.returncode != 0
+    # Rank 0 stops with rank 1's error in one line; rank 1 raises its own exception.
+    assert "the generation engine failed to start on rank 1 of 2: RuntimeError: no engine here (on purpose)" in proc.stderr
+    assert "RuntimeError: no engine here (on purpose)" in proc.stderr.replace("failed to start on rank 1 of 2: ", "", 1)
+
+
 # ------------------------------------------------------------------------------------- FSDP
 FSDP_CASES = {
     "repo": {},
