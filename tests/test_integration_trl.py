@@ -362,6 +362,24 @@ def test_prompt_key_is_hashable_and_canonical():
     assert {prompt_key(a): 1}[prompt_key(b)] == 1
 
 
+def test_a_cpu_vllm_engine_without_a_kv_cache_bound_is_named(chat_trainer, monkeypatch):
+    import warnings
+
+    t, rollout = chat_trainer.trainer, chat_trainer.rollout
+    monkeypatch.setattr(t, "use_vllm", True, raising=False)
+    monkeypatch.setattr(t, "vllm_generation", types.SimpleNamespace(mode="colocate"), raising=False)
+    monkeypatch.setattr(rollout, "_checked_trainer", None)
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    with pytest.warns(UserWarning, match="set VLLM_CPU_KVCACHE_SPACE"):
+        rollout._check_trainer(t)
+    monkeypatch.setattr(rollout, "_checked_trainer", None)
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        rollout._check_trainer(t)
+    assert not [w for w in seen if "VLLM_CPU_KVCACHE_SPACE" in str(w.message)]
+
+
 def test_factory_validates_arguments():
     with pytest.raises(ValueError, match="rho"):
         make_repo_rollout_func(None, rho=1.5)

@@ -300,6 +300,14 @@ class RepoRolloutFunc:
                 "generates with the training model (transformers).",
                 stacklevel=3,
             )
+        engine = getattr(trainer, "vllm_generation", None) if trainer.use_vllm else None
+        if engine is not None and getattr(engine, "mode", None) == "colocate" and not torch.cuda.is_available() \
+                and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
+            warnings.warn(
+                "TRL's colocated vLLM engine on CPU sized its KV cache from this machine's RAM: set VLLM_CPU_KVCACHE_SPACE "
+                "(GiB, for example 1) before building the trainer to bound it",
+                stacklevel=3,
+            )
         extra = []
         if trainer.min_p not in (None, 0.0):
             extra.append(f"min_p={trainer.min_p}")
