@@ -45,14 +45,15 @@ def _jsonl(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def _engine_checks(run, procs, syncs=2):
+def _engine_checks(run, procs, in_process=False):
     for r in range(procs):
         check = json.loads((run / f"engine-rank{r}.json").read_text())
         # After the last sync the engine scores its samples as the training model does.
-        assert check["syncs"] == syncs, (r, check)
+        assert check["syncs"] == 2, (r, check)
         assert check["max_abs_diff"] < 1e-4, (r, check)
-        # One weights file per machine: rank 0 writes it, the other rank's engine reads it.
-        assert check["writes"] == (check["syncs"] if r == 0 else 0), (r, check)
+        # One weights file per machine: rank 0 writes it, the other rank's engine reads it. An
+        # engine in the training process takes the weights in memory: no file at all.
+        assert check["writes"] == (check["syncs"] if r == 0 and not in_process else 0), (r, check)
     return [json.loads((run / f"engine-rank{r}.json").read_text())["tokens"] for r in range(procs)]
 
 
@@ -104,3 +105,12 @@ def test_sharded_ranks_sync_their_engines_from_gathered_weights(world, config):
     root, over = world
     run = _launch(root / config, dict(over, **{"train.max_steps": 2}), 2, config)
     _engine_checks(run, 2)
+
+
+def test_engines_in_the_training_processes_sync_in_memory(world, runs):
+    root, over = world
+    one, _ = runs
+    for procs in (1, 2):
+        run = _launch(root / f"in-process-{procs}", dict(over, **{"generation.vllm_in_process": "true"}), procs)
+        _engine_checks(run, procs, in_process=True)
+        assert _by_step(run, 1) == _by_step(one, 1)  # the same samples as the file-synced single engine

@@ -177,7 +177,7 @@ class Trainer:
                                                             **cfg.generation.engine_options()),
             close=lambda g: getattr(g, "close", lambda: None)(),
         )
-        if self.dist.world > 1 and hasattr(self.generator, "share_weights_file"):
+        if self.dist.world > 1 and hasattr(self.generator, "share_weights_file") and not self.generator.in_process:
             # One weights file per machine for the syncs: its lowest rank writes, all its engines read.
             host = socket.gethostname()
             dirs = self.dist.gather((host, str(self.generator.dir)))

@@ -466,6 +466,11 @@ class GenerationConfig:
     trainer does not put the engine to sleep during the update yet, so this frees no memory today."""
     vllm_tensor_parallel_size: int = 1
     """TRL's name: GPUs per engine (GPU only; 1 on CPU)."""
+    vllm_in_process: bool = False
+    """Run the engine inside the training process, as TRL's colocate mode does: each sync hands it the
+    weights in memory, with no file. Under accelerate launch every rank's engine joins the launch's
+    process group (vLLM's external_launcher). Off: the engine runs in its own process and syncs
+    through a weights file per machine."""
 
     def engine_options(self) -> dict[str, Any]:
         """Keyword options of the chosen engine for :func:`repo_rl.engines.make_generator`."""

@@ -123,6 +123,7 @@ class VLLMGenerator:
         gpu_memory_utilization: float = 0.3,
         tensor_parallel_size: int = 1,
         enable_sleep_mode: bool = False,
+        in_process: bool = False,
         **_: Any,
     ) -> None:
         if mode != "colocate":
@@ -164,6 +165,12 @@ class VLLMGenerator:
         )
         if max_model_len:
             kwargs["max_model_len"] = int(max_model_len)
+        self.in_process = bool(in_process)
+        if self.in_process:
+            # vLLM reads this when the engine starts: the engine core then runs in this process.
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                kwargs["distributed_executor_backend"] = "external_launcher"  # join the launch's process group
         if on_cpu:
             # Chunked prefill splits a prompt across engine steps and then rewinds the per-request
             # seeded generator of the partial one, which CPU generators cannot do ("CPU Generator
@@ -175,7 +182,7 @@ class VLLMGenerator:
         else:
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
             kwargs["enable_sleep_mode"] = enable_sleep_mode
-        if on_cpu:
+        if on_cpu or self.in_process:  # in process, vLLM places the engine on this rank's device itself
             self.llm = LLM(**kwargs)
         else:
             device = next(model.parameters()).device
@@ -227,6 +234,15 @@ class VLLMGenerator:
 
     def sync_weights(self, model: Any) -> None:
         """Reload ``model``'s current weights into the engine in place, then drop cached KV."""
+        if self.in_process:  # hand the tensors over in memory
+            from .vllm_worker import reload_into
+
+            weights = ((k, v.to(self.dtype)) for k, v in merged_state_dict(model).items())
+            driver = self.llm.llm_engine.model_executor.driver_worker
+            reload_into(getattr(driver, "worker", driver).model_runner, weights, self.tied)
+            self.llm.reset_prefix_cache()
+            self.syncs += 1
+            return
         if self.shared is None:
             path = self._weights_file(model)
             self.writes += 1

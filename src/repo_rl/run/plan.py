@@ -186,7 +186,8 @@ def estimate(cfg: Any, shape: ModelShape, launch: Launch, prompt_tokens: int) ->
             mem["engine weights (vLLM)"] = P * (2 if bf16 else 4)
             # Each sync writes the weights to a file the engines read back: in /dev/shm, so in RAM;
             # one file per machine, and a CPU launch is one machine, so each rank's share of it.
-            mem["weights file for the engine sync"] = P * (2 if bf16 else 4) / W
+            if not g.vllm_in_process:  # in process, the weights are handed over in memory
+                mem["weights file for the engine sync"] = P * (2 if bf16 else 4) / W
         if sh in ("fsdp", "zero3"):
             # The sync gathers the whole model on every rank (after the update, so the sum is on the safe side).
             mem["weights gathered for the engine sync"] = P * wbytes * (1 - 1 / W)
