@@ -100,11 +100,12 @@ def test_two_ranks_resume_the_run(world, runs):
         assert m_full[1][k] == pytest.approx(m_part[1][k], rel=1e-6, abs=1e-9), k
 
 
+@pytest.mark.parametrize("in_process", [False, True])
 @pytest.mark.parametrize("config", ["fsdp", "deepspeed_zero3"])
-def test_sharded_ranks_sync_their_engines_from_gathered_weights(world, config):
+def test_sharded_ranks_sync_their_engines_from_gathered_weights(world, config, in_process):
     root, over = world
-    run = _launch(root / config, dict(over, **{"train.max_steps": 2}), 2, config)
-    _engine_checks(run, 2)
+    run = _launch(root / f"{config}-{in_process}", dict(over, **{"generation.vllm_in_process": in_process}), 2, config)
+    _engine_checks(run, 2, in_process=in_process)
 
 
 def test_engines_in_the_training_processes_sync_in_memory(world, runs):
