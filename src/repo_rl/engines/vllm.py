@@ -203,10 +203,14 @@ class VLLMGenerator:
     """The engine keeps its own copy of the weights: the trainer gathers sharded ones for :meth:`sync_weights`."""
 
     # ------------------------------------------------------------------ weights
+    def _engine_weights(self, model: Any) -> dict[str, torch.Tensor]:
+        """``model``'s merged weights in the engine's dtype."""
+        return {k: v.to(self.dtype).contiguous() for k, v in merged_state_dict(model).items()}
+
     def _weights_file(self, model: Any) -> Path:
         from safetensors.torch import save_file
 
-        sd = {k: v.to(self.dtype).contiguous() for k, v in merged_state_dict(model).items()}
+        sd = self._engine_weights(model)
         path = self.dir / "model.safetensors"
         tmp = self.dir / "model.safetensors.tmp"
         save_file(sd, str(tmp), metadata={"format": "pt"})
@@ -235,11 +239,9 @@ class VLLMGenerator:
     def sync_weights(self, model: Any) -> None:
         """Reload ``model``'s current weights into the engine in place, then drop cached KV."""
         if self.in_process:  # hand the tensors over in memory
-            from .vllm_worker import reload_into
+            from .vllm_worker import in_process_runner, reload_into
 
-            weights = ((k, v.to(self.dtype)) for k, v in merged_state_dict(model).items())
-            driver = self.llm.llm_engine.model_executor.driver_worker
-            reload_into(getattr(driver, "worker", driver).model_runner, weights, self.tied)
+            reload_into(in_process_runner(self.llm), self._engine_weights(model).items(), self.tied)
             self.llm.reset_prefix_cache()
             self.syncs += 1
             return

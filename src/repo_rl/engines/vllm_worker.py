@@ -11,6 +11,12 @@ from __future__ import annotations
 from typing import Any, Iterable
 
 
+def in_process_runner(llm: Any) -> Any:
+    """The model runner of an ``LLM`` whose engine runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``)."""
+    driver = llm.llm_engine.model_executor.driver_worker
+    return getattr(driver, "worker", driver).model_runner
+
+
 def reload_into(model_runner: Any, weights: Iterable[tuple[str, Any]], tied_embeddings: bool) -> None:
     """Load ``(Hugging Face name, tensor)`` pairs into a vLLM model runner in place."""
     # The model runner's layer-wise reload writes each tensor and re-packs the layers (on CPU the

@@ -679,7 +679,7 @@ def sync_colocated_by_reload(trainer: Any) -> None:
     gen = getattr(trainer, "vllm_generation", None)
     if not getattr(trainer, "use_vllm", False) or gen is None or getattr(gen, "mode", None) != "colocate":
         raise ValueError("sync_colocated_by_reload: the trainer has no colocated vLLM engine (GRPOConfig(use_vllm=True, vllm_mode='colocate'))")
-    from ..engines.vllm_worker import reload_into
+    from ..engines.vllm_worker import in_process_runner, reload_into
 
     tied = bool(getattr(getattr(trainer.model, "config", None), "tie_word_embeddings", False))
 
@@ -687,8 +687,7 @@ def sync_colocated_by_reload(trainer: Any) -> None:
         if getattr(gen, "enable_sleep_mode", False):
             gen.llm.wake_up(tags=["weights"])
             gen._llm_weights_sleeping = False  # noqa: SLF001 - TRL's own flag, as its sync sets it
-        runner = gen.llm.llm_engine.model_executor.driver_worker.model_runner
-        reload_into(runner, gen._iter_named_params(), tied)  # noqa: SLF001 - TRL's gathering walk
+        reload_into(in_process_runner(gen.llm), gen._iter_named_params(), tied)  # noqa: SLF001 - TRL's gathering walk
         gen.llm.reset_prefix_cache()
 
     gen.sync_weights = sync_weights

@@ -182,12 +182,13 @@ def estimate(cfg: Any, shape: ModelShape, launch: Launch, prompt_tokens: int) ->
             mem["KV cache (vLLM)"] -= min(mem["KV cache (vLLM)"], P * 2)  # vLLM's share includes its weights
             mem["engine weights (vLLM)"] = P * 2
         else:
+            engine_weights = P * (2 if bf16 else 4)
             mem["KV cache (vLLM)"] = g.vllm_kv_cache_gb * GiB
-            mem["engine weights (vLLM)"] = P * (2 if bf16 else 4)
+            mem["engine weights (vLLM)"] = engine_weights
             # Each sync writes the weights to a file the engines read back: in /dev/shm, so in RAM;
             # one file per machine, and a CPU launch is one machine, so each rank's share of it.
             if not g.vllm_in_process:  # in process, the weights are handed over in memory
-                mem["weights file for the engine sync"] = P * (2 if bf16 else 4) / W
+                mem["weights file for the engine sync"] = engine_weights / W
         if sh in ("fsdp", "zero3"):
             # The sync gathers the whole model on every rank (after the update, so the sum is on the safe side).
             mem["weights gathered for the engine sync"] = P * wbytes * (1 - 1 / W)
