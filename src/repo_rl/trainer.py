@@ -14,8 +14,10 @@ Where the stages live: :mod:`repo_rl.step.sampling` (rollouts, candidates, compo
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
+import os
 import socket
 import sys
 import time
@@ -33,6 +35,7 @@ from .run.distributed import Dist, deepspeed_engine, full_parameters, fully_shar
 from .errors import TrainingError, UserError
 from .evaluation import pass_at_k
 from .step.logprobs import check_chunkable
+from .step.pipeline import Batch, Prefetch, batch_from_state, batch_state
 from .run.malloc import set_mmap_threshold
 from .models.loading import apply_lora, eos_token_ids, load_model_and_tokenizer
 from .step.bank import RephraseBank, warmup_rows
@@ -174,7 +177,7 @@ class Trainer:
         self.generator = self.dist.on_every_rank(
             "the generation engine", lambda: make_generator(self.core, self.eos_ids, self.tokenizer.pad_token_id, cfg.generation.backend,
                                                             autocast_dtype=torch.bfloat16 if gen_bf16 else None,
-                                                            **cfg.generation.engine_options()),
+                                                            **cfg.generation.engine_options(), **self._engine_threads()),
             close=lambda g: getattr(g, "close", lambda: None)(),
         )
         if self.dist.world > 1 and hasattr(self.generator, "share_weights_file") and not self.generator.in_process:
@@ -203,6 +206,15 @@ class Trainer:
         self.unfit_rephrase_rows = check_rephrase_lengths(cfg, self.method, self.train_examples, self.renderer, self.tokenizer,
                                                           self.core)
 
+    def _engine_threads(self) -> dict[str, int]:
+        """``train.max_staleness`` 1 with a CPU vLLM engine in its own process: the engine gets the cores
+        the trainer's threads leave (at least one), as it samples while the update runs. Nothing when
+        ``OMP_NUM_THREADS`` is set: the user chose."""
+        cfg = self.cfg
+        if not (cfg.train.max_staleness and cfg.generation.backend == "vllm" and self.device.type == "cpu") or os.environ.get("OMP_NUM_THREADS"):
+            return {}
+        return {"cpu_threads": max(1, (os.cpu_count() or 1) - torch.get_num_threads())}
+
     def _make_optimizer(self) -> None:
         t = self.cfg.train
         # The fused kernel is ~10x faster than the per-tensor loop on CPU (3.4 ms vs 34 ms at 4M params).
@@ -223,6 +235,18 @@ class Trainer:
         self.stages = StepSampler(self.cfg, self.tokenizer, self.renderer, self.eos_ids, lambda *a: self.scorer(*a), self._sample,
                                   lambda seqs: self.updater.logprobs(self.core, seqs), self._prompt_ids,
                                   verifier=self.verifier, bank=self.bank, context_length=context_limit(self.cfg, self.core))
+        # train.max_staleness: the next step's batch is sampled in a thread while this step trains.
+        self._pending: Optional[Batch] = None
+        self._prefetch = Prefetch()
+        self.overlap = bool(self.cfg.train.max_staleness)
+        if self.overlap and not getattr(self.generator, "needs_weights", False):
+            self.overlap = False
+            if self.dist.is_main:
+                self._say(f"train.max_staleness={self.cfg.train.max_staleness}: generation.backend={self.cfg.generation.backend} samples "
+                          "with the training weights themselves, so sampling cannot overlap the update; this run samples, then "
+                          "trains (generation.backend=vllm overlaps)")
+        self.stages.sampler_logps = self.updater.importance_sampling()
+        self.stages.defer_gap = True  # log pi(o | P) the sampler did not give: taken in train_step, beside the update's passes
 
     def _open_run(self) -> None:
         cfg, main = self.cfg, self.dist.is_main
@@ -234,6 +258,7 @@ class Trainer:
             if self._resume_from is not None:
                 apply_hyperparameters(self.optimizer, self.scheduler, cfg.train)  # the config's, not the checkpoint's
             self.bank.load_state_dict(self.run.bank)
+            self._pending = self._saved_batch()
             saved = self.run.data_fingerprint
             if saved is not None and saved != fingerprint and not self.allow_config_change:
                 raise UserError(
@@ -272,8 +297,10 @@ class Trainer:
         return ids
 
     def _sample(self, rows: list[list[int]], params: SamplingParams, seeds: list[int], want_logprobs: bool):
-        """Generate; ``(ids, token log-probs or None)``."""
-        with full_parameters(self.model, self.dist.engine):
+        """Generate; ``(ids, token log-probs or None)``. An engine with its own weights needs no
+        gathered training weights (and must not: it may sample in a thread beside the update)."""
+        own = getattr(self.generator, "needs_weights", False)
+        with contextlib.nullcontext() if own else full_parameters(self.model, self.dist.engine):
             if want_logprobs:
                 return self.generator.generate(rows, params, seeds, logprobs=True)
             return self.generator.generate(rows, params, seeds), None
@@ -287,38 +314,89 @@ class Trainer:
             self.generator.sync_weights(self.core)
         return True
 
+    def _saved_batch(self) -> Optional[Batch]:
+        """The batch a resumed run had sampled for its next step (``train.max_staleness`` 1), if its
+        checkpoint carries one for this launch's ranks."""
+        saved = self.run.pending
+        self.run.pending = None
+        if not saved:
+            return None
+        if len(saved) != self.dist.world:
+            if self.dist.is_main:
+                self._say(f"--resume: the checkpoint holds the next batch of {len(saved)} process(es), this launch has "
+                          f"{self.dist.world}; it is sampled again")
+            return None
+        try:
+            batch = batch_from_state(saved[self.dist.rank], self.train_examples)
+        except (KeyError, IndexError, TypeError, ValueError) as e:
+            raise UserError(f"--resume: the checkpoint's pending batch cannot be read ({type(e).__name__}: {e})") from None
+        return batch if batch.step == self.run.step else None
+
     def _save(self) -> None:
+        shards = self.dist.gather(batch_state(self._pending) if self._pending is not None else None)
+        self.run.pending = shards if any(x is not None for x in shards) else None
         save_run(self.out, self.dist, self.run, self.model, self.tokenizer, self.optimizer, self.scheduler, self.sampler,
                  {"model_path": self.model_path}, self.cfg.train.save_total_limit, [self.metrics_log, self.completions_log])
+        self.run.pending = None
 
     # ------------------------------------------------------------------ one step
-    def train_step(self) -> dict[str, Any]:
-        """Run one full step and return its metrics (also written to metrics.jsonl on rank 0)."""
-        cfg, d, run = self.cfg, self.dist, self.run
-        G = cfg.algorithm.num_generations
-        method = self.method.phase_at(run.step, cfg.baselines.sft_steps, cfg.train.max_steps)
-        torch.manual_seed(derive_seed(cfg.train.seed, STREAM_STEP, run.step))
-        t_step = time.perf_counter()
-        timings = {"generation": 0.0, "rephrase": 0.0, "reward": 0.0, "logprobs": 0.0, "update": 0.0}
-        idx = d.shard(self.sampler.take(cfg.train.prompts_per_step))  # same global order on every rank
-        examples = [self.train_examples[i] for i in idx]
-        m: dict[str, Any] = {"step": run.step + 1, "epoch": self.sampler.epoch, "phase": method.name}
-        if cfg.repo.uptake_after and method.rephrases:
-            m.update(self._uptake())
+    def _take(self, in_flight: int = 0) -> tuple[list[int], int, str]:
+        """The main thread's part of sampling a step: this rank's prompts (the prompt sampler moves
+        on), its epoch, and the rephrase batching (``in_flight``: batches sampled whose batching
+        trial is not recorded yet)."""
+        idx = self.dist.shard(self.sampler.take(self.cfg.train.prompts_per_step))  # same global order on every rank
+        trial = min(len(self.run.batching_trials) + in_flight, len(BATCHING_TRIALS) - 1)
+        return idx, self.sampler.epoch, self._batching() or BATCHING_TRIALS[trial]
 
+    def _sample_batch(self, step: int, idx: list[int], epoch: int, batching: str, weights_step: int) -> Batch:
+        """The sampling half of step ``step`` on this rank's prompts: rollouts, rewards, the method's
+        groups. With ``train.max_staleness`` 1 it runs in a thread beside the update, so it touches the
+        engine, the scorer, the verifier and the bank, never the training model."""
+        cfg = self.cfg
+        G = cfg.algorithm.num_generations
+        method = self.method.phase_at(step, cfg.baselines.sft_steps, cfg.train.max_steps)
+        timings = {"generation": 0.0, "rephrase": 0.0, "reward": 0.0}
+        examples = [self.train_examples[i] for i in idx]
         if method.rollouts:
             t0 = time.perf_counter()
-            batching = self._batching() or BATCHING_TRIALS[len(run.batching_trials)]
-            rollouts = self.stages.rollouts(examples, idx, method, run.step, batching)
+            rollouts = self.stages.rollouts(examples, idx, method, step, batching)
             timings["generation"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             rep = [e for e in examples for _ in range(G)]
             rewards, reward_counts = self.scorer([e.prompt for e in rep], rollouts.texts, rep)
             timings["reward"] = time.perf_counter() - t0
-            group = self.stages.compose(examples, idx, rollouts, rewards, method, run.step, timings)
+            group = self.stages.compose(examples, idx, rollouts, rewards, method, step, timings)
         else:
             group = self.stages.sft_group(examples, idx)
             rewards, reward_counts = group.rewards, {}
+        return Batch(step, idx, epoch, group, rewards, reward_counts, timings, weights_step)
+
+    def train_step(self) -> dict[str, Any]:
+        """Run one full step and return its metrics (also written to metrics.jsonl on rank 0)."""
+        cfg, d, run = self.cfg, self.dist, self.run
+        method = self.method.phase_at(run.step, cfg.baselines.sft_steps, cfg.train.max_steps)
+        torch.manual_seed(derive_seed(cfg.train.seed, STREAM_STEP, run.step))
+        t_step = time.perf_counter()
+        batch, self._pending = self._pending, None
+        if batch is None:  # sampled now (always without overlap; the first step and after a plain resume with it)
+            batch = self._sample_batch(run.step, *self._take(), weights_step=run.step)
+        if self.overlap and run.step + 1 < cfg.train.max_steps:
+            # The next step's batch, sampled by the engine with the weights this step starts from,
+            # while this step's update runs.
+            nxt, args = run.step + 1, self._take(in_flight=1)
+            self._prefetch.start(lambda: self._sample_batch(nxt, *args, weights_step=nxt - 1))
+        group, rewards, reward_counts = batch.group, batch.on_policy, batch.reward_counts
+        timings = {"generation": 0.0, "rephrase": 0.0, "reward": 0.0, "logprobs": 0.0, "update": 0.0, **batch.timings}
+        m: dict[str, Any] = {"step": run.step + 1, "epoch": batch.epoch, "phase": method.name}
+        if self.overlap:
+            m["train/staleness"] = float(run.step - batch.weights_step)
+        if cfg.repo.uptake_after and method.rephrases:
+            m.update(self._uptake())
+        if group.gap_missing or (d.sharded and method.rephrases and cfg.repo.log_prob_gap):
+            # log pi(o | P(q, k)) of injected rephrases the sampler gave no log-probs for, with the
+            # weights that train on them (every rank runs the passes when the weights are sharded).
+            lps = self.updater.logprobs(self.core, [sq for _, sq in group.gap_missing])
+            group.gap_under_p.update({f: float(lp.sum()) for (f, _), lp in zip(group.gap_missing, lps)})
 
         adv, valid, adv_all, injected_all, reward_m = self._advantages(group, rewards, method)
         m.update(reward_m)
@@ -333,11 +411,16 @@ class Trainer:
             run.bad_steps_consecutive = run.bad_steps_consecutive + 1 if bad else 0
             run.first_bad_step = (run.first_bad_step or run.step + 1) if bad else None
             upd["train/bad_steps"] = float(run.bad_steps_total)
+        else:
+            upd, logp_sums = {"loss": float("nan"), "train/skipped_step": 1.0}, {}
+        if self._prefetch.running:
+            t0 = time.perf_counter()
+            self._pending = self._prefetch.wait()
+            timings["wait"] = time.perf_counter() - t0  # the update waited this long for the next batch
+        if group.sequences or d.world > 1:
             t0 = time.perf_counter()
             if self._sync_engine():
                 timings["sync"] = time.perf_counter() - t0
-        else:
-            upd, logp_sums = {"loss": float("nan"), "train/skipped_step": 1.0}, {}
         gaps = [group.gap_under_p[f] - logp_sums[f] for f in group.gap_under_p if f in logp_sums]
         # log pi(o_rep | q) per token of the injected rephrases, from the update's forward (before its step).
         inj_logp = {f: logp_sums[f] / max(len(group.sequences[f].completion_ids), 1) for f in injected if f in logp_sums}
@@ -373,7 +456,7 @@ class Trainer:
         if method.rephrases:
             m["repo/rephrase_with_rollouts"] = float(group.batching == "with_rollouts")
             self._record_batching_trial(group.batching, c["repo/gated"], timings)
-        self._log_completions(group, adv, G if method.rollouts else 1)
+        self._log_completions(group, adv, cfg.algorithm.num_generations if method.rollouts else 1)
         stop = None
         if run.bad_steps_consecutive >= cfg.train.max_bad_steps:
             stop = (f"stopped after {run.bad_steps_consecutive} consecutive steps with a non-finite loss or gradient "
@@ -575,6 +658,7 @@ class Trainer:
                     if requested:
                         raise StopRequested(int(requested), last_saved)
         finally:
+            self._prefetch.cancel()  # a batch still being sampled finishes before the engine closes
             if bar is not None:
                 bar.close()
             summary = getattr(self.scorer, "summary", None)  # a scorer stand-in may have none

@@ -6,8 +6,9 @@ tokens), ``[B]`` per-sequence tensors.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -352,3 +353,33 @@ def token_loss(
         per_tok = per_tok + beta * kl_penalty(logp, ref_logp, old, log_ratio_bound)
         parts["kl"] = kl_k3(logp.detach(), ref_logp)
     return per_tok, parts
+
+
+IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+
+
+def sampling_importance_ratio(
+    train_logp: torch.Tensor,
+    sampler_logp: torch.Tensor,
+    mask: torch.Tensor,
+    mode: str = "token_truncate",
+    clip_min: Optional[float] = None,
+    clip_max: Optional[float] = 3.0,
+) -> torch.Tensor:
+    """Importance weights ``[B, T]`` that correct a sampler that is not the training policy (TRL's
+    ``vllm_importance_sampling_correction``): ``exp(train_logp - sampler_logp)`` per token, or per row
+    (``sequence_*``: the exp of the masked sum, broadcast over the row). ``*_truncate`` clamps to
+    ``[clip_min, clip_max]``; ``*_mask`` sets weights outside it to 0. Masked positions (``mask`` 0:
+    padding, or rows without sampler log-probs) have log-ratio 0, so weight 1 before the bounds;
+    NaN sampler log-probs count as 0 too. Both log-prob tensors are detached."""
+    if mode not in IS_MODES:
+        raise ValueError(f"unknown importance sampling mode {mode!r}; expected one of {', '.join(IS_MODES)}")
+    diff = torch.nan_to_num((train_logp.detach() - sampler_logp.detach()) * mask, nan=0.0)
+    if mode.startswith("sequence"):
+        diff = diff.sum(-1, keepdim=True).expand_as(train_logp)
+    ratio = torch.exp(diff)
+    if mode.endswith("truncate"):
+        return torch.clamp(ratio, min=clip_min, max=clip_max)
+    lo = clip_min if clip_min is not None else -math.inf
+    hi = clip_max if clip_max is not None else math.inf
+    return ratio.masked_fill((ratio < lo) | (ratio > hi), 0.0)

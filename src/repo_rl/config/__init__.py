@@ -138,6 +138,21 @@ class AlgorithmConfig:
     """Exclude completions that hit ``max_completion_length`` without EOS from the loss. The grpo
     and dr_grpo normalisers then count only the rows left in the loss (as verl does); TRL divides
     by every row, masked ones included, so its loss is smaller by (rows in loss / all rows)."""
+    vllm_importance_sampling_correction: Optional[bool] = None
+    """TRL's name: weight each sampled token's loss by the truncated importance ratio
+    ``pi_train(o_t) / pi_sampler(o_t)``, the training policy's log-prob (before the update) against
+    the one the engine sampled with, so a stale or numerically different sampler is corrected.
+    Only on-policy rollouts under the clipped surrogate are weighted; injected rephrases, expert text,
+    SFT and SDFT rows get ratio 1.
+    None: on with ``train.max_staleness`` 1, off otherwise. Works with either engine."""
+    vllm_importance_sampling_mode: Literal["token_truncate", "token_mask", "sequence_truncate", "sequence_mask"] = "token_truncate"
+    """TRL's name: per-token ratios clipped to [clip_min, clip_max] (``token_truncate``) or zeroed
+    outside it (``token_mask``); the ``sequence_*`` modes use one ratio per row, the exp of the summed
+    log-ratio."""
+    vllm_importance_sampling_clip_max: Optional[float] = 3.0
+    """TRL's name and default: the cap C_max of the importance ratio (None: no upper bound)."""
+    vllm_importance_sampling_clip_min: Optional[float] = None
+    """TRL's name: the lower bound C_min (None: no lower bound)."""
 
 
 @dataclass
@@ -384,6 +399,13 @@ class TrainConfig:
     """An update after which the weights' L2 norm exceeds this multiple of the norm after the last
     good step counts as exploding (normal steps change it by well under 1%); None: off. Not
     checked under FSDP or DeepSpeed."""
+    max_staleness: int = 0
+    """Overlap generation with the update (the name of TRL's ``AsyncGRPOTrainer``). 0: each step samples,
+    then trains. 1: while step t trains, the engine samples step t+1's rollouts and RePO rephrases with
+    the weights step t started from, so a batch trains one update after the weights that sampled it;
+    the loss is corrected by truncated importance sampling (``algorithm.vllm_importance_sampling_*``).
+    Needs an engine with its own copy of the weights (``generation.backend: vllm``); with the HF
+    sampler nothing can overlap and the run says so. See docs/SCALING.md, "Overlap"."""
     log_completions: bool = True
     """Write every completion to ``completions.jsonl``."""
     device: str = "auto"

@@ -155,6 +155,20 @@ def validate(cfg: Any) -> None:
         check(cfg.data.max_prompt_length >= 1, "data.max_prompt_length", "a positive integer or null", cfg.data.max_prompt_length)
     if t.threads is not None:
         check(t.threads >= 1, "train.threads", "an integer >= 1", t.threads)
+    check(t.max_staleness in (0, 1), "train.max_staleness",
+          "0 (sample, then train) or 1 (sample the next batch while this one trains); more lag is not supported", t.max_staleness)
+    if not METHODS[a.method].rollouts and not METHODS[a.method].phases and t.max_staleness:
+        raise ConfigError(f"train.max_staleness={t.max_staleness}: method {a.method} samples no rollouts, so there is no "
+                          "generation to overlap; set it to 0")
+    if t.max_staleness and cfg.generation.backend == "vllm" and cfg.generation.vllm_in_process:
+        raise ConfigError(f"train.max_staleness={t.max_staleness} with generation.vllm_in_process: an engine inside the training "
+                          "process cannot sample beside the update; set generation.vllm_in_process=false (the engine in its own process)")
+    for key in ("vllm_importance_sampling_clip_max", "vllm_importance_sampling_clip_min"):
+        v = getattr(a, key)
+        check(v is None or v > 0, f"algorithm.{key}", "a number > 0 or null", v)
+    if a.vllm_importance_sampling_clip_max is not None and a.vllm_importance_sampling_clip_min is not None:
+        check(a.vllm_importance_sampling_clip_min <= a.vllm_importance_sampling_clip_max, "algorithm.vllm_importance_sampling_clip_min",
+              f"at most vllm_importance_sampling_clip_max ({a.vllm_importance_sampling_clip_max})", a.vllm_importance_sampling_clip_min)
     check(t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:"), "train.device", "auto, cpu, cuda or cuda:N", t.device)
     check(cfg.eval.every >= 0, "eval.every", "an integer >= 0", cfg.eval.every)
     check(cfg.eval.n >= 1, "eval.n", "an integer >= 1", cfg.eval.n)

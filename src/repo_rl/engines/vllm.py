@@ -105,7 +105,11 @@ def sync_dir(need_bytes: int, shm: str = "/dev/shm") -> Optional[str]:
 
 
 class VLLMGenerator:
-    """A colocated vLLM engine behind the :class:`~repo_rl.engines.Generator` protocol."""
+    """A colocated vLLM engine behind the :class:`~repo_rl.engines.Generator` protocol.
+
+    ``cpu_threads``: torch threads of a CPU engine in its own process (None: torch's default, or
+    ``OMP_NUM_THREADS``); the trainer sets it when the engine samples beside the update, so the two
+    do not share cores."""
 
     def __init__(
         self,
@@ -124,6 +128,7 @@ class VLLMGenerator:
         tensor_parallel_size: int = 1,
         enable_sleep_mode: bool = False,
         in_process: bool = False,
+        cpu_threads: Optional[int] = None,
         **_: Any,
     ) -> None:
         if mode != "colocate":
@@ -182,21 +187,24 @@ class VLLMGenerator:
         else:
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
             kwargs["enable_sleep_mode"] = enable_sleep_mode
-        if on_cpu or self.in_process:  # in process, vLLM places the engine on this rank's device itself
-            self.llm = LLM(**kwargs)
-        else:
+        start_env: dict[str, str] = {}  # read by the engine process vLLM starts now
+        if on_cpu and cpu_threads and not self.in_process:
+            start_env["OMP_NUM_THREADS"] = str(int(cpu_threads))
+        if not (on_cpu or self.in_process):  # in process, vLLM places the engine on this rank's device itself
             device = next(model.parameters()).device
             index = device.index if device.index is not None else torch.cuda.current_device()
-            devices = engine_devices(os.environ.get("CUDA_VISIBLE_DEVICES"), index, torch.cuda.device_count(), tensor_parallel_size)
-            saved = os.environ.get("CUDA_VISIBLE_DEVICES")
-            os.environ["CUDA_VISIBLE_DEVICES"] = devices  # read by the engine process vLLM starts now
-            try:
-                self.llm = LLM(**kwargs)
-            finally:
-                if saved is None:
-                    os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+            start_env["CUDA_VISIBLE_DEVICES"] = engine_devices(os.environ.get("CUDA_VISIBLE_DEVICES"), index, torch.cuda.device_count(),
+                                                               tensor_parallel_size)
+        saved = {k: os.environ.get(k) for k in start_env}
+        os.environ.update(start_env)
+        try:
+            self.llm = LLM(**kwargs)
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
                 else:
-                    os.environ["CUDA_VISIBLE_DEVICES"] = saved
+                    os.environ[k] = v
         self.syncs = 0
 
     needs_weights = True

@@ -42,6 +42,9 @@ class RunState:
     uptake: list[dict[str, Any]] = field(default_factory=list)
     """``repo.uptake_after``: injected rephrases waiting to be re-scored under q
     (``step``, ``prompt_ids``, ``completion_ids``, ``logp_then`` per token)."""
+    pending: Optional[list[Any]] = None
+    """``train.max_staleness`` 1: the batch each rank sampled for the next step
+    (:func:`repo_rl.step.pipeline.batch_state`, rank order), taken at save time."""
 
     @property
     def batching(self) -> Optional[str]:
@@ -62,6 +65,7 @@ class RunState:
             "good_weight_norm": self.good_weight_norm,
             "bank": self.bank,
             "uptake": self.uptake,
+            "pending": self.pending,
         }
 
     @classmethod
@@ -79,6 +83,7 @@ class RunState:
             good_weight_norm=state.get("good_weight_norm"),
             bank=state.get("bank"),
             uptake=list(state.get("uptake", [])),
+            pending=state.get("pending"),
         )
 
 

@@ -58,6 +58,13 @@ class StepSampler:
         """Earlier verified rephrases shown as worked examples (``repo.fewshot``); the trainer fills it."""
         self.context_length = context_length
         """Tokens a prompt and its new tokens may take (the model's or the engine's); None: unbounded."""
+        self.sampler_logps = False
+        """Keep the sampler's token log-probs on each rollout (``Sequence_.sampler_logps``), for the
+        importance sampling correction."""
+        self.defer_gap = False
+        """Leave the training model alone: rephrases whose log pi(o | P) the sampler did not give go to
+        ``Group.gap_missing`` for the trainer, instead of a forward here (the batch is sampled in a
+        thread beside the update)."""
 
     # ------------------------------------------------------------------ helpers
     def decode(self, ids: Sequence[int]) -> str:
@@ -156,7 +163,7 @@ class StepSampler:
             eligible = [n for n, e in enumerate(examples) if e.solution is not None]
             rp_rows, rp_seeds = self.rephrase_rows(examples, dataset_index, eligible, step)
             rows, seeds = rows + rp_rows, seeds + rp_seeds
-        comps, lps = self.sample(rows, params, seeds, bool(rp_rows) and cfg.repo.log_prob_gap)
+        comps, lps = self.sample(rows, params, seeds, self.sampler_logps or (bool(rp_rows) and cfg.repo.log_prob_gap))
         pool = None
         if rp_rows:
             A, base = cfg.repo.num_attempts, len(rows) - len(rp_rows)
@@ -166,7 +173,9 @@ class StepSampler:
             }
             rows, comps = rows[:base], comps[:base]
         teachers = [self.teacher_prompt_ids(e) if method.teacher else None for e in examples]
-        seqs = [Sequence_(r, c, self.is_truncated(c, params.max_new_tokens), method.rollout_kind, teachers[i // G])
+        keep = self.sampler_logps and lps is not None
+        seqs = [Sequence_(r, c, self.is_truncated(c, params.max_new_tokens), method.rollout_kind, teachers[i // G],
+                          sampler_logps=list(lps[i]) if keep else None)
                 for i, (r, c) in enumerate(zip(rows, comps))]
         return Rollouts(seqs, [self.decode(c) for c in comps], pool, batching)
 
@@ -297,10 +306,13 @@ class StepSampler:
         if inj.injected and method.rephrases and cfg.repo.log_prob_gap:
             # log pi(o|P(q,k)) comes from the sampler (or a forward here); log pi(o|q) from the update.
             missing = [(f, c) for f, c in inj.injected if rp_logp[c] is None]
+            if missing and self.defer_gap:
+                group.gap_missing = [(f, Sequence_(rp_rows[c], cand_seqs[c].completion_ids, False)) for f, c in missing]
+                missing = []
             if missing:
                 under_p = self.logprobs_under([Sequence_(rp_rows[c], cand_seqs[c].completion_ids, False) for _, c in missing])
                 for (_, c), lp in zip(missing, under_p):
                     rp_logp[c] = float(lp.sum())
-            group.gap_under_p = {f: float(rp_logp[c]) for f, c in inj.injected}  # type: ignore[arg-type]
+            group.gap_under_p = {f: float(rp_logp[c]) for f, c in inj.injected if rp_logp[c] is not None}
         return group
 

@@ -27,6 +27,10 @@ class Sequence_:
     """Loss applied to the sequence (a registered loss id, ``algorithms.losses.KIND_*``)."""
     teacher_prompt_ids: Optional[list[int]] = None
     """Prompt under which a teacher scores the completion (SDFT: P(q, k)); None: no teacher."""
+    sampler_logps: Optional[list[float]] = None
+    """Log-prob of each completion token under the sampler that drew it from q (the engine's weights
+    at sampling time), for ``algorithm.vllm_importance_sampling_correction``; None: not sampled from
+    q by the engine (injected, expert or SFT rows), or not asked for."""
 
 
 RephrasePool = dict[int, list[tuple[list[int], list[int], list[float]]]]
@@ -66,3 +70,7 @@ class Group:
     batching: str = "separate"
     bank_candidates: list = field(default_factory=list)
     """Rephrases that passed ``repo.verify`` this step (:class:`repo_rl.step.bank.BankEntry`), for the bank."""
+    gap_missing: list[tuple[int, "Sequence_"]] = field(default_factory=list)
+    """Injected rows (flat position, the rephrase under its prompt P(q, k)) whose log pi(o | P) the
+    sampler did not give and a forward of the training model must (``repo/logp_gap``); filled
+    instead of ``gap_under_p`` when the batch is sampled beside an update."""

@@ -104,6 +104,11 @@ class PolicyUpdate:
             )
         return logp, cmask, ent, None
 
+    def importance_sampling(self) -> bool:
+        """``algorithm.vllm_importance_sampling_correction`` in force (None: on with ``train.max_staleness`` 1)."""
+        on = self.cfg.algorithm.vllm_importance_sampling_correction
+        return bool(self.cfg.train.max_staleness > 0 if on is None else on)
+
     def temperature(self) -> float:
         """Temperature of the training, old and reference log-probs: the rollouts' (1 for greedy)."""
         t = self.cfg.algorithm.temperature
@@ -224,7 +229,10 @@ class PolicyUpdate:
         timings["logprobs"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         stats = {"loss": 0.0, "clip_low": 0.0, "clip_high": 0.0, "clip_tokens": 0.0, "kl": 0.0, "entropy": 0.0, "tokens": 0.0,
-                 "rows_not_forwarded": float(len(seqs) - len(rows)), "teacher_kl": 0.0, "teacher_tokens": 0.0}
+                 "rows_not_forwarded": float(len(seqs) - len(rows)), "teacher_kl": 0.0, "teacher_tokens": 0.0,
+                 "is_sum": 0.0, "is_tokens": 0.0, "is_diff_sum": 0.0}
+        is_on = self.importance_sampling()
+        is_min, is_max, diff_max = math.inf, -math.inf, 0.0
         grad_norms: list[float] = []
         skipped = False
         engine = self.dist.engine
@@ -290,6 +298,28 @@ class PolicyUpdate:
                     use_bias_correction_kl=a.use_bias_correction_kl, clip_ratio_c=a.clip_ratio_c,
                     log_ratio_bound=a.log_ratio_bound, distill_is_clip=cfg.baselines.sdft_is_clip, distill_kl=distill_kl,
                 )
+                if is_on:
+                    # The sampler's log-probs against the training policy's before this update (``old``).
+                    sampled = [seqs[i].sampler_logps is not None and seqs[i].kind == alg.KIND_POLICY for i in chunk]
+                    samp = torch.zeros_like(old)
+                    for j, (i, ok) in enumerate(zip(chunk, sampled)):
+                        if ok:
+                            vals = torch.tensor(seqs[i].sampler_logps[:T], dtype=old.dtype)
+                            samp[j, : vals.numel()] = vals.to(old.device)
+                    has = torch.tensor(sampled, device=old.device).view(-1, 1)
+                    is_mask = mask * has.to(mask.dtype)
+                    ratio = alg.sampling_importance_ratio(old, samp, is_mask, a.vllm_importance_sampling_mode,
+                                                          a.vllm_importance_sampling_clip_min, a.vllm_importance_sampling_clip_max)
+                    ratio = torch.where(has, ratio, torch.ones_like(ratio))
+                    per_tok = per_tok * ratio
+                    if it == 0 and bool(is_mask.any()):
+                        on = is_mask > 0
+                        stats["is_sum"] += float(ratio[on].sum())
+                        stats["is_tokens"] += float(on.sum())
+                        diff = (old - samp).abs()[on]
+                        stats["is_diff_sum"] += float(diff.sum())
+                        is_min, is_max = min(is_min, float(ratio[on].min())), max(is_max, float(ratio[on].max()))
+                        diff_max = max(diff_max, float(diff.max()))
                 low, high = parts["clip_low"], parts["clip_high"]
                 if "kl" in parts and it == 0:
                     stats["kl"] += float((parts["kl"] * mask).sum())
@@ -356,6 +386,15 @@ class PolicyUpdate:
             "learning_rate": self.scheduler.get_last_lr()[0],
         }
         out["clip_ratio"] = out["clip_ratio/region_mean"]
+        if is_on:  # TRL's names
+            gathered = self.dist.gather((is_min, is_max, diff_max))
+            n = stats["is_tokens"]
+            nan = float("nan")
+            out["sampling/importance_sampling_ratio/mean"] = stats["is_sum"] / n if n else nan
+            out["sampling/importance_sampling_ratio/min"] = min(g[0] for g in gathered) if n else nan
+            out["sampling/importance_sampling_ratio/max"] = max(g[1] for g in gathered) if n else nan
+            out["sampling/sampling_logp_difference/mean"] = stats["is_diff_sum"] / n if n else nan
+            out["sampling/sampling_logp_difference/max"] = max(g[2] for g in gathered) if n else nan
         out["train/skipped_step"] = float(skipped)
         out["train/rows_not_forwarded"] = stats["rows_not_forwarded"]
         if teacher_on:
