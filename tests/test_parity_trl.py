@@ -172,6 +172,44 @@ def test_the_comparison_tells_the_temperature_apart(world):
     assert float((at_1 - trl)[m].abs().max()) > 1e-2
 
 
+@pytest.mark.parametrize("temp", TEMPERATURES)
+def test_shared_prompt_log_probs_and_their_gradient_equal_trl(world, temp):
+    """``train.share_prompt``: rows in groups of 2 share a prompt, which runs once; log-probs and the
+    gradient of the dapo loss equal TRL's, which runs every row's prompt."""
+    from repo_rl.step.logprobs import shared_prompt_logprobs
+
+    trainers, prompt_ids, completion_ids, mask, noise = world
+    tr, _ = trainers[temp]
+    model = tr.model
+    rows = torch.arange(B) // 2
+    prompts = prompt_ids[::2]  # 3 distinct prompts, each the prompt of 2 rows
+    ids = torch.cat([prompts.index_select(0, rows), completion_ids], 1)
+    attn = torch.cat([torch.ones(B, P, dtype=torch.long), mask], 1)
+    adv = torch.tensor(ADVANTAGES)
+    with torch.no_grad():
+        old = _trl_logps(tr, model, ids, attn) + noise
+    inputs = {"prompt_ids": ids[:, :P], "prompt_mask": attn[:, :P], "completion_ids": completion_ids, "completion_mask": mask,
+              "advantages": adv, "old_per_token_logps": old, "ref_per_token_logps": None, "num_items_in_batch": mask.sum()}
+    tr.loss_type, tr.beta, tr.epsilon_low, tr.epsilon_high = "dapo", 0.0, EPSILON, EPSILON
+    model.zero_grad(set_to_none=True)
+    loss_trl = tr._compute_loss(model, inputs)
+    loss_trl.backward()
+    g_trl = _grads(model)
+    model.zero_grad(set_to_none=True)
+    logp, _ = shared_prompt_logprobs(model, prompts, torch.ones(3, P, dtype=torch.long), rows, completion_ids, mask, temperature=temp)
+    with torch.no_grad():
+        trl = _trl_logps(tr, model, ids, attn)
+    m = mask.bool()
+    assert float((logp.detach() - trl)[m].abs().max()) < 1e-5
+    per_tok, _ = token_loss(logp, old, adv, torch.full((B,), KIND_POLICY), epsilon_low=EPSILON, epsilon_high=EPSILON)
+    loss = aggregate(per_tok, mask, "dapo", num_sequences=B, num_tokens=int(mask.sum()))
+    loss.backward()
+    g_ours = _grads(model)
+    model.zero_grad(set_to_none=True)
+    assert abs(float(loss) - float(loss_trl)) <= 1e-6
+    assert float((g_ours - g_trl).abs().max()) <= 1e-5 * max(float(g_trl.abs().max()), 1.0)
+
+
 def test_adapter_logprobs_under_q_equal_trl_at_its_temperature(world):
     """The TRL adapter's log pi(o | q) (returned for TRL's importance-sampling correction and used
     for repo/logp_gap) equal TRL's own old log-probs at TRL's temperature."""

@@ -381,6 +381,11 @@ class TrainConfig:
     whose rewards are all equal) with ``algorithm.beta=0``, or masked out. The loss and gradient are
     unchanged (the normalisers still count those rows); ``entropy`` and ``clip_ratio`` then cover the
     trained rows only."""
+    share_prompt: bool = True
+    """Run each distinct prompt of a micro-batch once in the update's forward passes and let its rows'
+    completions attend to its keys and values (the G rows of a group share one prompt pass). The same
+    log-probs and gradients up to float rounding. Off by itself under FSDP, DeepSpeed, activation
+    checkpointing and ``logprob_chunk_size``."""
     logprob_chunk_size: Optional[int] = None
     """Compute log-probs this many positions at a time so vocab x length logits never exist at once (None: off)."""
     mmap_threshold_kb: int = 0

@@ -96,3 +96,39 @@ def completion_logprobs(
         if ent is not None:
             ents.append(ent)
     return torch.cat(lps, 1), (torch.cat(ents, 1) if want_entropy else None)
+
+
+def shared_prompt_logprobs(
+    model: Any,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    rows: torch.Tensor,
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+    want_entropy: bool = False,
+    temperature: float | torch.Tensor = 1.0,
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """:func:`completion_logprobs` for rows that share prompts, each prompt run once.
+
+    ``prompt_ids`` ``[U, P]`` (left-padded, ``prompt_mask``) holds the distinct prompts; row ``b`` of
+    ``completion_ids`` ``[B, T]`` (right-padded, ``completion_mask``) continues prompt ``rows[b]``.
+    The prompts' keys and values (with their gradient) are indexed out to the rows and the
+    completions attend to them from a cache, so a group of G rows costs one prompt pass instead
+    of G. The first completion token is predicted from the prompt's last position.
+    """
+    U, P = prompt_ids.shape
+    B, T = completion_ids.shape
+    ppos = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=ppos, use_cache=True, logits_to_keep=1)
+    cache = out.past_key_values
+    cache.batch_select_indices(rows)
+    first = _scale(out.logits[:, -1, :].float().index_select(0, rows), temperature)
+    lp0, ent0 = logprobs_from_logits(first, completion_ids[:, 0], want_entropy)
+    if T == 1:
+        return lp0.unsqueeze(1), (ent0.unsqueeze(1) if want_entropy else None)
+    attn = torch.cat([prompt_mask.index_select(0, rows), completion_mask[:, : T - 1]], 1)
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)[:, P:]
+    rest = model(input_ids=completion_ids[:, : T - 1], attention_mask=attn, position_ids=pos, past_key_values=cache,
+                 use_cache=True, logits_to_keep=T - 1).logits
+    lp, ent = logprobs_from_logits(_scale(rest.float(), temperature), completion_ids[:, 1:], want_entropy)
+    return torch.cat([lp0.unsqueeze(1), lp], 1), (torch.cat([ent0.unsqueeze(1), ent], 1) if want_entropy else None)

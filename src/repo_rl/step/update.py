@@ -18,7 +18,7 @@ import torch
 
 from .. import algorithms as alg
 from ..config import Config
-from .logprobs import completion_logits, completion_logprobs, logprobs_from_logits
+from .logprobs import completion_logits, completion_logprobs, logprobs_from_logits, shared_prompt_logprobs
 from .types import Sequence_
 
 
@@ -75,6 +75,10 @@ class PolicyUpdate:
         B = len(seqs)
         T = max(max(len(s.completion_ids) for s in seqs), 1)
         P = max(len(s.prompt_ids) for s in seqs)
+        temps = [1.0 if s.kind == alg.KIND_SFT else self.temperature() for s in seqs]
+        temperature = temps[0] if len(set(temps)) == 1 else torch.tensor(temps)
+        if not want_logits and self.share_prompts(model, seqs):
+            return self.shared_prompt_forward(model, seqs, with_grad, want_entropy, temperature)
         L = P + T
         pad = self.pad_token_id
         ids = torch.full((B, L), pad, dtype=torch.long)
@@ -92,8 +96,6 @@ class PolicyUpdate:
         ids, attn, cmask = ids.to(self.device), attn.to(self.device), cmask.to(self.device)
         pos = (attn.cumsum(-1) - 1).clamp(min=0)
         ctx = contextlib.nullcontext() if with_grad else torch.no_grad()
-        temps = [1.0 if s.kind == alg.KIND_SFT else self.temperature() for s in seqs]
-        temperature = temps[0] if len(set(temps)) == 1 else torch.tensor(temps)
         with ctx, self.autocast():
             if want_logits:
                 logits = completion_logits(model, ids, attn, pos, T, temperature)
@@ -103,6 +105,42 @@ class PolicyUpdate:
                 model, ids, attn, pos, P, T, self.cfg.train.logprob_chunk_size, want_entropy, temperature
             )
         return logp, cmask, ent, None
+
+    def share_prompts(self, model: Any, seqs: Sequence[Sequence_]) -> bool:
+        """Whether ``train.share_prompt`` applies to this pass: rows repeat a prompt, the weights are
+        whole on this rank, no activation checkpointing and no chunked log-probs."""
+        if not self.cfg.train.share_prompt or self.cfg.train.logprob_chunk_size or self.dist.sharded or self.dist.engine is not None:
+            return False
+        if getattr(model, "is_gradient_checkpointing", False):
+            return False
+        return len({tuple(s.prompt_ids) for s in seqs}) < len(seqs)
+
+    def shared_prompt_forward(self, model: Any, seqs: Sequence[Sequence_], with_grad: bool, want_entropy: bool, temperature):
+        """:meth:`forward_logprobs` through :func:`~repo_rl.step.logprobs.shared_prompt_logprobs`."""
+        index: dict[tuple[int, ...], int] = {}
+        rows = [index.setdefault(tuple(s.prompt_ids), len(index)) for s in seqs]
+        prompts = list(index)
+        U, B = len(prompts), len(seqs)
+        P = max(len(p) for p in prompts)
+        T = max(max(len(s.completion_ids) for s in seqs), 1)
+        pad = self.pad_token_id
+        pids = torch.full((U, P), pad, dtype=torch.long)
+        pmask = torch.zeros((U, P), dtype=torch.long)
+        for u, p in enumerate(prompts):
+            pids[u, P - len(p) :] = torch.tensor(p)
+            pmask[u, P - len(p) :] = 1
+        cids = torch.full((B, T), pad, dtype=torch.long)
+        cmask = torch.zeros((B, T), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            if s.completion_ids:
+                cids[i, : len(s.completion_ids)] = torch.tensor(s.completion_ids)
+                cmask[i, : len(s.completion_ids)] = 1
+        dev = self.device
+        ctx = contextlib.nullcontext() if with_grad else torch.no_grad()
+        with ctx, self.autocast():
+            logp, ent = shared_prompt_logprobs(model, pids.to(dev), pmask.to(dev), torch.tensor(rows, device=dev), cids.to(dev),
+                                               cmask.to(dev), want_entropy, temperature)
+        return logp, cmask.to(dev, torch.float32), ent, None
 
     def importance_sampling(self) -> bool:
         """``algorithm.vllm_importance_sampling_correction`` in force (None: on with ``train.max_staleness`` 1)."""
