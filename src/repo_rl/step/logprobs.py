@@ -8,6 +8,7 @@ head to ``chunk_size`` positions at a time under activation checkpointing, so th
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Optional
 
 import torch
@@ -98,6 +99,11 @@ def completion_logprobs(
     return torch.cat(lps, 1), (torch.cat(ents, 1) if want_entropy else None)
 
 
+def _cache_argument(model: Any) -> str:
+    """The forward's keyword for a KV cache: ``cache`` from transformers 5.24 on, ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def shared_prompt_logprobs(
     model: Any,
     prompt_ids: torch.Tensor,
@@ -120,7 +126,8 @@ def shared_prompt_logprobs(
     B, T = completion_ids.shape
     ppos = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
     out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=ppos, use_cache=True, logits_to_keep=1)
-    cache = out.past_key_values
+    cache = getattr(out, "cache", None)  # transformers >= 5.24's name
+    cache = out.past_key_values if cache is None else cache
     cache.batch_select_indices(rows)
     first = _scale(out.logits[:, -1, :].float().index_select(0, rows), temperature)
     lp0, ent0 = logprobs_from_logits(first, completion_ids[:, 0], want_entropy)
@@ -128,7 +135,7 @@ def shared_prompt_logprobs(
         return lp0.unsqueeze(1), (ent0.unsqueeze(1) if want_entropy else None)
     attn = torch.cat([prompt_mask.index_select(0, rows), completion_mask[:, : T - 1]], 1)
     pos = (attn.cumsum(-1) - 1).clamp(min=0)[:, P:]
-    rest = model(input_ids=completion_ids[:, : T - 1], attention_mask=attn, position_ids=pos, past_key_values=cache,
-                 use_cache=True, logits_to_keep=T - 1).logits
+    rest = model(input_ids=completion_ids[:, : T - 1], attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=T - 1,
+                 **{_cache_argument(model): cache}).logits
     lp, ent = logprobs_from_logits(_scale(rest.float(), temperature), completion_ids[:, 1:], want_entropy)
     return torch.cat([lp0.unsqueeze(1), lp], 1), (torch.cat([ent0.unsqueeze(1), ent], 1) if want_entropy else None)

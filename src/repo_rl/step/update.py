@@ -111,7 +111,8 @@ class PolicyUpdate:
         whole on this rank, no activation checkpointing and no chunked log-probs."""
         if not self.cfg.train.share_prompt or self.cfg.train.logprob_chunk_size or self.dist.sharded or self.dist.engine is not None:
             return False
-        if getattr(model, "is_gradient_checkpointing", False):
+        flag = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") else "is_gradient_checkpointing"
+        if getattr(model, flag, False):  # transformers >= 5 renamed it
             return False
         return len({tuple(s.prompt_ids) for s in seqs}) < len(seqs)
 
