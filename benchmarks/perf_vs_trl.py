@@ -695,7 +695,7 @@ def summarize(role: str, steps: list[dict], mem: dict) -> dict:
         out["phases_median_s"] = {k: _median([m.get(f"time/{k}") for m in ms]) for k in keys}
         # train.max_staleness 1: generation, rephrase and reward ran beside the update (in a thread);
         # the step waited ``wait`` seconds for them after its update.
-        overlapped = any("train/staleness" in m for m in ms)
+        overlapped = any("time/wait" in m for m in ms)
         in_step = ("logprobs", "update", "wait") if overlapped else keys
         if overlapped:
             out["phases_median_s"]["wait"] = _median([m.get("time/wait", 0.0) for m in ms])
