@@ -213,7 +213,8 @@ class Trainer:
         cfg = self.cfg
         if not (cfg.train.max_staleness and cfg.generation.backend == "vllm" and self.device.type == "cpu") or os.environ.get("OMP_NUM_THREADS"):
             return {}
-        return {"cpu_threads": max(1, (os.cpu_count() or 1) - torch.get_num_threads())}
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return {"cpu_threads": max(1, cores - torch.get_num_threads())}
 
     def _make_optimizer(self) -> None:
         t = self.cfg.train
