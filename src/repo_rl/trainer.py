@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-import os
 import socket
 import sys
 import time
@@ -177,7 +176,7 @@ class Trainer:
         self.generator = self.dist.on_every_rank(
             "the generation engine", lambda: make_generator(self.core, self.eos_ids, self.tokenizer.pad_token_id, cfg.generation.backend,
                                                             autocast_dtype=torch.bfloat16 if gen_bf16 else None,
-                                                            **cfg.generation.engine_options(), **self._engine_threads()),
+                                                            **cfg.generation.engine_options()),
             close=lambda g: getattr(g, "close", lambda: None)(),
         )
         if self.dist.world > 1 and hasattr(self.generator, "share_weights_file") and not self.generator.in_process:
@@ -205,16 +204,6 @@ class Trainer:
         check_prompt_lengths(cfg, self.train_examples, self.renderer, self.tokenizer, self.core, self._prompt_ids)
         self.unfit_rephrase_rows = check_rephrase_lengths(cfg, self.method, self.train_examples, self.renderer, self.tokenizer,
                                                           self.core)
-
-    def _engine_threads(self) -> dict[str, int]:
-        """``train.max_staleness`` 1 with a CPU vLLM engine in its own process: the engine gets the cores
-        the trainer's threads leave (at least one), as it samples while the update runs. Nothing when
-        ``OMP_NUM_THREADS`` is set: the user chose."""
-        cfg = self.cfg
-        if not (cfg.train.max_staleness and cfg.generation.backend == "vllm" and self.device.type == "cpu") or os.environ.get("OMP_NUM_THREADS"):
-            return {}
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        return {"cpu_threads": max(1, cores - torch.get_num_threads())}
 
     def _make_optimizer(self) -> None:
         t = self.cfg.train

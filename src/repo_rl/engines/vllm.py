@@ -105,11 +105,7 @@ def sync_dir(need_bytes: int, shm: str = "/dev/shm") -> Optional[str]:
 
 
 class VLLMGenerator:
-    """A colocated vLLM engine behind the :class:`~repo_rl.engines.Generator` protocol.
-
-    ``cpu_threads``: torch threads of a CPU engine in its own process (None: torch's default, or
-    ``OMP_NUM_THREADS``); the trainer sets it when the engine samples beside the update, so the two
-    do not share cores."""
+    """A colocated vLLM engine behind the :class:`~repo_rl.engines.Generator` protocol."""
 
     def __init__(
         self,
@@ -128,7 +124,6 @@ class VLLMGenerator:
         tensor_parallel_size: int = 1,
         enable_sleep_mode: bool = False,
         in_process: bool = False,
-        cpu_threads: Optional[int] = None,
         **_: Any,
     ) -> None:
         if mode != "colocate":
@@ -187,9 +182,10 @@ class VLLMGenerator:
         else:
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
             kwargs["enable_sleep_mode"] = enable_sleep_mode
-        start_env: dict[str, str] = {}  # read by the engine process vLLM starts now
-        if on_cpu and cpu_threads and not self.in_process:
-            start_env["OMP_NUM_THREADS"] = str(int(cpu_threads))
+        # Read by vLLM while the engine starts. An engine of its own process is one whatever an earlier
+        # in-process engine left in the environment (vLLM's external_launcher, which TRL's colocate
+        # mode uses, sets VLLM_ENABLE_V1_MULTIPROCESSING=0 for good).
+        start_env = {} if self.in_process else {"VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
         if not (on_cpu or self.in_process):  # in process, vLLM places the engine on this rank's device itself
             device = next(model.parameters()).device
             index = device.index if device.index is not None else torch.cuda.current_device()

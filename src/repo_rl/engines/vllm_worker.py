@@ -41,9 +41,3 @@ class WeightSync:
         weights = load_file(path)
         reload_into(self.model_runner, weights.items(), tied_embeddings)
         return len(weights)
-
-    def repo_rl_threads(self) -> int:
-        """This worker's torch threads (``cpu_threads``: the trainer sets them when the engine samples beside the update)."""
-        import torch
-
-        return torch.get_num_threads()
