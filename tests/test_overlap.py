@@ -25,18 +25,26 @@ from repo_rl.step.types import Group, Sequence_
 from repo_rl.trainer import Trainer
 
 from .conftest import tiny_overrides
+from .test_trainer import no_time, read
 from .helpers import copy_sampler
 from .helpers.copy_sampler import fingerprint
 
 copy_sampler.register()
 
 
-def read(path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def stop_after(trainer: Trainer, steps: int) -> None:
+    """Run ``trainer`` until it has taken ``steps`` steps, then stop it as SIGTERM does (save, then stop)."""
+    step = trainer.train_step
 
+    def stepped():
+        m = step()
+        if trainer.step == steps:
+            os.kill(os.getpid(), signal.SIGTERM)  # handled by the trainer
+        return m
 
-def no_time(rows: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]
+    trainer.train_step = stepped
+    with pytest.raises(StopRequested):
+        trainer.train()
 
 
 def overlap(model_dir, data, **extra) -> list[str]:
@@ -181,18 +189,7 @@ def test_injected_rows_log_probs_under_q_come_from_the_weights_that_train_on_the
 def test_an_interrupted_overlapped_run_resumes_on_the_saved_batch(tmp_path, tiny_model_dir, tiny_data):
     over = overlap(tiny_model_dir, tiny_data)
     Trainer(build_config({}, over), tmp_path / "full").train()
-    cut = Trainer(build_config({}, over), tmp_path / "cut")
-    step = cut.train_step
-
-    def stop_after_two():
-        m = step()
-        if cut.step == 2:
-            os.kill(os.getpid(), signal.SIGTERM)  # handled by the trainer: save, then stop
-        return m
-
-    cut.train_step = stop_after_two
-    with pytest.raises(StopRequested):
-        cut.train()
+    stop_after(Trainer(build_config({}, over), tmp_path / "cut"), 2)
     state = json.loads((tmp_path / "cut" / "checkpoints" / "step-2" / "trainer_state.json").read_text())
     assert state["pending"] and state["pending"][0]["step"] == 2 and state["pending"][0]["weights_step"] == 1
     resumed = Trainer(build_config({}, over), tmp_path / "cut", resume=True)

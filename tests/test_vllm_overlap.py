@@ -9,29 +9,20 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
 
 import pytest
 
 from .conftest import ROWS, make_tokenizer, tiny_overrides
+from .test_overlap import stop_after
+from .test_trainer import no_time, read
 
 pytestmark = pytest.mark.vllm
 pytest.importorskip("vllm")
 
 
-def _read(path):
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def _no_time(rows):
-    return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]
-
-
 def test_overlapped_vllm_run_samples_one_step_behind_and_resumes_exactly(tmp_path):
     from repo_rl.config import build_config
     from repo_rl.models.tiny import save_tiny_model_dir
-    from repo_rl.run.directory import StopRequested
     from repo_rl.trainer import Trainer
 
     save_tiny_model_dir(tmp_path / "model", make_tokenizer(), hidden_size=128, num_heads=2, num_kv_heads=1)
@@ -43,7 +34,7 @@ def test_overlapped_vllm_run_samples_one_step_behind_and_resumes_exactly(tmp_pat
         "train.learning_rate": 3e-2})
     full = Trainer(build_config({}, over), tmp_path / "full")
     full.train()
-    rows = _read(tmp_path / "full" / "metrics.jsonl")
+    rows = read(tmp_path / "full" / "metrics.jsonl")
     assert [r["train/staleness"] for r in rows] == [0.0, 1.0, 1.0, 1.0]
     assert full.generator.syncs == 4
     for r in rows:
@@ -52,20 +43,9 @@ def test_overlapped_vllm_run_samples_one_step_behind_and_resumes_exactly(tmp_pat
     assert rows[0]["sampling/sampling_logp_difference/mean"] < 1e-3
     assert max(r["sampling/sampling_logp_difference/mean"] for r in rows[1:]) > 1e-2
 
-    cut = Trainer(build_config({}, over), tmp_path / "cut")
-    step = cut.train_step
-
-    def stop_after_two():
-        m = step()
-        if cut.step == 2:
-            os.kill(os.getpid(), signal.SIGTERM)  # handled by the trainer: save, then stop
-        return m
-
-    cut.train_step = stop_after_two
-    with pytest.raises(StopRequested):
-        cut.train()
+    stop_after(Trainer(build_config({}, over), tmp_path / "cut"), 2)
     resumed = Trainer(build_config({}, over), tmp_path / "cut", resume=True)
     assert resumed._pending is not None and resumed._pending.step == 2
     resumed.train()
-    assert _no_time(_read(tmp_path / "cut" / "metrics.jsonl")) == _no_time(rows)
-    assert _read(tmp_path / "cut" / "completions.jsonl") == _read(tmp_path / "full" / "completions.jsonl")
+    assert no_time(read(tmp_path / "cut" / "metrics.jsonl")) == no_time(rows)
+    assert read(tmp_path / "cut" / "completions.jsonl") == read(tmp_path / "full" / "completions.jsonl")

@@ -48,10 +48,6 @@ def _from_tensor(d: dict[str, Any]) -> torch.Tensor:
     return torch.tensor(d["values"], dtype=getattr(torch, d["dtype"]))
 
 
-def _seq(s: Sequence_) -> dict[str, Any]:
-    return asdict(s)
-
-
 def batch_state(b: Batch) -> dict[str, Any]:
     """``b`` as plain JSON values (floats round-trip exactly; NaN is kept)."""
     g = b.group
@@ -59,11 +55,11 @@ def batch_state(b: Batch) -> dict[str, Any]:
         "step": b.step, "dataset_index": list(b.dataset_index), "epoch": b.epoch, "weights_step": b.weights_step,
         "on_policy": _tensor(b.on_policy), "reward_counts": dict(b.reward_counts), "timings": dict(b.timings),
         "group": {
-            "dataset_index": list(g.dataset_index), "sequences": [_seq(s) for s in g.sequences], "texts": list(g.texts), "rewards": _tensor(g.rewards),
+            "dataset_index": list(g.dataset_index), "sequences": [asdict(s) for s in g.sequences], "texts": list(g.texts), "rewards": _tensor(g.rewards),
             "origins": _tensor(g.origins), "dropped": _tensor(g.dropped), "counters": dict(g.counters),
             "gap_under_p": [[int(k), v] for k, v in g.gap_under_p.items()], "batching": g.batching,
             "bank_candidates": [asdict(e) for e in g.bank_candidates],
-            "gap_missing": [[int(f), _seq(s)] for f, s in g.gap_missing],
+            "gap_missing": [[int(f), asdict(s)] for f, s in g.gap_missing],
         },
     }
 

@@ -63,8 +63,8 @@ class StepSampler:
         importance sampling correction."""
         self.defer_gap = False
         """Leave the training model alone: rephrases whose log pi(o | P) the sampler did not give go to
-        ``Group.gap_missing`` for the trainer, instead of a forward here (the batch is sampled in a
-        thread beside the update)."""
+        ``Group.gap_missing`` for the trainer, instead of a forward here. The trainer sets it, as it
+        may sample in a thread beside the update; False: the forward through ``logprobs_under``."""
 
     # ------------------------------------------------------------------ helpers
     def decode(self, ids: Sequence[int]) -> str:

@@ -73,4 +73,5 @@ class Group:
     gap_missing: list[tuple[int, "Sequence_"]] = field(default_factory=list)
     """Injected rows (flat position, the rephrase under its prompt P(q, k)) whose log pi(o | P) the
     sampler did not give and a forward of the training model must (``repo/logp_gap``); filled
-    instead of ``gap_under_p`` when the batch is sampled beside an update."""
+    instead of ``gap_under_p`` when the sampler defers that forward (the trainer always does: it may
+    sample beside an update)."""

@@ -272,6 +272,10 @@ class PolicyUpdate:
                  "is_sum": 0.0, "is_tokens": 0.0, "is_diff_sum": 0.0}
         is_on = self.importance_sampling()
         is_min, is_max, diff_max = math.inf, -math.inf, 0.0
+        # The sampler's log-probs of the on-policy rollouts (None for every other row), set against the
+        # training policy's before this update (``old``) in each micro-batch.
+        sampler_lps = [torch.tensor(s.sampler_logps) if s.sampler_logps is not None and s.kind == alg.KIND_POLICY else None
+                       for s in seqs] if is_on else None
         grad_norms: list[float] = []
         skipped = False
         engine = self.dist.engine
@@ -337,15 +341,9 @@ class PolicyUpdate:
                     use_bias_correction_kl=a.use_bias_correction_kl, clip_ratio_c=a.clip_ratio_c,
                     log_ratio_bound=a.log_ratio_bound, distill_is_clip=cfg.baselines.sdft_is_clip, distill_kl=distill_kl,
                 )
-                if is_on:
-                    # The sampler's log-probs against the training policy's before this update (``old``).
-                    sampled = [seqs[i].sampler_logps is not None and seqs[i].kind == alg.KIND_POLICY for i in chunk]
-                    samp = torch.zeros_like(old)
-                    for j, (i, ok) in enumerate(zip(chunk, sampled)):
-                        if ok:
-                            vals = torch.tensor(seqs[i].sampler_logps[:T], dtype=old.dtype)
-                            samp[j, : vals.numel()] = vals.to(old.device)
-                    has = torch.tensor(sampled, device=old.device).view(-1, 1)
+                if sampler_lps is not None:
+                    samp = stack(sampler_lps)
+                    has = torch.tensor([sampler_lps[i] is not None for i in chunk], device=old.device).view(-1, 1)
                     is_mask = mask * has.to(mask.dtype)
                     ratio = alg.sampling_importance_ratio(old, samp, is_mask, a.vllm_importance_sampling_mode,
                                                           a.vllm_importance_sampling_clip_min, a.vllm_importance_sampling_clip_max)
