@@ -159,37 +159,32 @@ def instrument(tr, timer: PhaseTimer) -> None:
 
     upd.forward_logprobs, upd.backward = forward_logprobs, backward
     opt.zero_grad = zero_grad
+    def span(label: str, key: str):
+        """(start, stop) hooks that add the time between them to ``timer.t[key]`` and mark ``label`` in the profile."""
+        state: dict[str, object] = {}
+
+        def start(*_):
+            rf = record_function(label)
+            rf.__enter__()
+            state["rf"], state["t0"] = rf, time.perf_counter()
+
+        def stop(*_):
+            timer.t[key] += time.perf_counter() - state["t0"]
+            state["rf"].__exit__(None, None, None)
+
+        return start, stop
+
     # The step through hooks: overriding optimizer.step after the LR scheduler wrapped it makes torch warn.
-    step_state: dict[str, object] = {}
-
-    def step_pre(_opt, _a, _k):
-        rf = record_function("update/optimizer_step")
-        rf.__enter__()
-        step_state["rf"], step_state["t0"] = rf, time.perf_counter()
-
-    def step_post(_opt, _a, _k):
-        timer.t["optimizer_step"] += time.perf_counter() - step_state["t0"]
-        step_state["rf"].__exit__(None, None, None)
-
-    opt.register_step_pre_hook(step_pre)
-    opt.register_step_post_hook(step_post)
+    step_start, step_stop = span("update/optimizer_step", "optimizer_step")
+    opt.register_step_pre_hook(step_start)
+    opt.register_step_post_hook(step_stop)
     torch.nn.utils.clip_grad_norm_ = clip
 
     # The decoder's share of the forward: hooks on the LlamaModel inside the causal-LM wrapper.
     decoder = tr.core.get_decoder()
-    state: dict[str, object] = {}
-
-    def pre(_m, _inp):
-        rf = record_function("fwd/decoder")
-        rf.__enter__()
-        state["rf"], state["t0"] = rf, time.perf_counter()
-
-    def post(_m, _inp, _out):
-        timer.t["forward/decoder"] += time.perf_counter() - state["t0"]
-        state["rf"].__exit__(None, None, None)
-
-    decoder.register_forward_pre_hook(pre)
-    decoder.register_forward_hook(post)
+    fwd_start, fwd_stop = span("fwd/decoder", "forward/decoder")
+    decoder.register_forward_pre_hook(fwd_start)
+    decoder.register_forward_hook(fwd_stop)
 
     # Remember the arguments of one attention call (transformers looks the function up at call time).
     def sdpa(q, k, v, *a, **kw):
